@@ -1,0 +1,65 @@
+"""The FeatureStore contract: tensors in, SampleRefs out, and back again."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from specforge_lightning.contracts import FeatureSpec, SampleRef
+
+
+class FeatureStoreError(RuntimeError):
+    """A store refused an operation; the message names the sample and the reason."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof that a caller holds a sample's tensors until ``release``."""
+
+    sample_id: str
+    generation: int = 0
+    handle: Any = field(default=None, compare=False)
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> tuple[FeatureSpec, ...]:
+    return tuple(
+        FeatureSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in sorted(tensors.items())
+    )
+
+
+class FeatureStore(ABC):
+    """Holds feature tensors; SampleRefs point into it.
+
+    ``put`` stores one sample and returns its ref; ``get`` returns the tensors
+    and a lease; ``release`` ends the lease (a consume-once store frees the
+    sample then); ``abort`` drops a sample that will never be consumed.
+    """
+
+    @abstractmethod
+    def put(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        sample_id: str,
+        *,
+        strategy: str = "",
+        provenance: Mapping[str, Any] | None = None,
+    ) -> SampleRef: ...
+
+    @abstractmethod
+    def get(self, ref: SampleRef) -> tuple[dict[str, torch.Tensor], Lease]: ...
+
+    @abstractmethod
+    def release(self, lease: Lease) -> None: ...
+
+    @abstractmethod
+    def abort(self, sample_id: str) -> None: ...
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True}
+
+    def close(self) -> None:
+        """Free connections and resources; the store is unusable afterwards."""
