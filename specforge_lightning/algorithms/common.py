@@ -1,0 +1,192 @@
+"""Pieces shared by the draft algorithms: Llama-style blocks, target-weight loading, the LR schedule.
+
+Everything here mirrors the Llama conventions of Hugging Face ``transformers``
+(RMSNorm in fp32, ``rotate_half`` RoPE, SwiGLU), so that a draft layer can be
+initialised from, and served next to, a Llama/Qwen target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+# --------------------------------------------------------------------------- blocks
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / rms(x)``, normalised in fp32 and cast back (as HF Llama does)."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with the Llama parameter names."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) for RoPE types ``default``, ``linear`` and ``llama3``.
+
+    ``dynamic`` NTK equals ``default`` inside the original context, which is where
+    drafts are trained; ``yarn`` and others are refused rather than silently wrong.
+    """
+    # fp32 arithmetic on purpose: the same numbers transformers and SGLang compute.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in ("default", "dynamic"):
+        pass
+    elif kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    else:
+        raise NotImplementedError(f"RoPE type {kind!r} is not supported (default, linear, llama3)")
+    return inv_freq
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos/sin tables (B, T, head_dim) for integer positions (B, T), computed in fp32."""
+    freqs = position_ids.float()[..., None] * inv_freq.float().to(position_ids.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (..., T, d); cos/sin must already broadcast against it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------- target weights
+
+
+def read_target_config(target_dir: str | Path) -> dict[str, Any]:
+    """The target's ``config.json`` as a dict (multimodal ``text_config`` is merged on top)."""
+    cfg = json.loads((Path(target_dir) / "config.json").read_text())
+    text = cfg.get("text_config")
+    return {**cfg, **text} if isinstance(text, dict) else cfg
+
+
+def _name_candidates(name: str) -> tuple[str, ...]:
+    bare = name.removeprefix("model.")
+    return (name, bare, "model." + bare, "model.language_model." + bare, "language_model.model." + bare)
+
+
+def load_target_tensors(target_dir: str | Path, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read only ``names`` from the target's (possibly sharded) safetensors files.
+
+    Names are looked up with and without the ``model.`` prefix; a name that is
+    not found is simply absent from the result (tied heads, for instance).
+    """
+    wanted = list(dict.fromkeys(names))
+    found: dict[str, torch.Tensor] = {}
+    files = sorted(Path(target_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in target folder {target_dir}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            for name in wanted:
+                if name in found:
+                    continue
+                key = next((c for c in _name_candidates(name) if c in keys), None)
+                if key is not None:
+                    t = f.get_tensor(key)
+                    found[name] = t if dtype is None else t.to(dtype)
+    return found
+
+
+def target_head_name(target_config: Mapping[str, Any]) -> str:
+    """Where the target's output head lives: ``lm_head.weight``, or the embedding when tied."""
+    return "model.embed_tokens.weight" if target_config.get("tie_word_embeddings", False) else "lm_head.weight"
+
+
+def load_vocab_mapping(path: str | Path, vocab_size: int, draft_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load ``d2t`` int64[Vd] and ``t2d`` bool[V] (``target_id = draft_id + d2t[draft_id]``).
+
+    An empty path is allowed only when the draft vocabulary is the full target vocabulary.
+    """
+    if not path:
+        if draft_vocab_size != vocab_size:
+            raise ValueError("a vocab mapping file is required when draft_vocab_size != vocab_size")
+        return torch.zeros(vocab_size, dtype=torch.long), torch.ones(vocab_size, dtype=torch.bool)
+    tensors = load_file(str(path))
+    d2t, t2d = tensors["d2t"].long(), tensors["t2d"].bool()
+    if d2t.numel() != draft_vocab_size or t2d.numel() != vocab_size:
+        raise ValueError(f"{path}: mapping sizes ({d2t.numel()}, {t2d.numel()}) != ({draft_vocab_size}, {vocab_size})")
+    if not torch.equal(torch.nonzero(t2d).flatten(), d2t + torch.arange(draft_vocab_size)):
+        raise ValueError(f"{path}: d2t and t2d disagree (nonzero(t2d) != d2t + arange)")
+    return d2t, t2d
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup ``(step+1)/warmup`` then cosine from 1 to ``min_lr_ratio``.
+
+    ``warmup = int(warmup_ratio * total_steps)`` as upstream; the cosine spans the remaining steps.
+    """
+    warmup = int(warmup_ratio * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_adamw_cosine(
+    params: Iterable[nn.Parameter],
+    *,
+    lr: float,
+    total_steps: int | float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    warmup_ratio: float = 0.015,
+    min_lr_ratio: float = 0.0,
+) -> dict[str, Any]:
+    """AdamW plus a per-optimizer-step warmup/cosine schedule, in Lightning's return format."""
+    if not math.isfinite(total_steps) or total_steps <= 0:
+        raise ValueError(
+            f"the LR schedule needs a finite step horizon, got {total_steps}; set trainer.max_steps for streams"
+        )
+    total = int(total_steps)
+    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=betas, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total, warmup_ratio, min_lr_ratio)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

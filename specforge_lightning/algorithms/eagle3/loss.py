@@ -1,0 +1,128 @@
+"""EAGLE3 teacher and loss (upstream semantics, see the reference notes §4.2).
+
+Alignment: at position t the draft reads aux feature f_t and token x_{t+1}; its
+teacher is the target's distribution at position t+1 (predicting x_{t+2}).
+TTT step k is scored at position t against the teacher at t+k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from specforge_lightning.algorithms.eagle3.model import shift_left
+
+Normalize = Literal["positions", "tokens"]
+
+
+@dataclass
+class Eagle3Teacher:
+    """Per-position teacher quantities, already shifted so that row t holds the target at t+1."""
+
+    target_ids: torch.Tensor  # (B, S) int64, argmax over the full target vocab
+    target_p: torch.Tensor  # (B, S, Vd) fp32, softmax renormalised over the draft vocab
+    position_mask: torch.Tensor  # (B, S) fp32, t2d[target_ids] * loss_mask
+    loss_mask: torch.Tensor  # (B, S) int64, the effective loss mask (see effective_loss_mask)
+
+
+@dataclass
+class Eagle3LossOutput:
+    """Total loss, per-step ploss (K,), and per-step acceptance counts correct/total (K,) int64."""
+
+    loss: torch.Tensor
+    ploss: torch.Tensor
+    correct: torch.Tensor
+    total: torch.Tensor
+
+    @property
+    def acc(self) -> torch.Tensor:
+        return self.correct.double() / self.total.clamp_min(1).double()
+
+
+def effective_loss_mask(loss_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Drop positions whose teacher lies beyond the sequence.
+
+    A position is supervised only if it is a real token, its loss-mask bit is set
+    and the *next* position is a real token too; the last column is always dropped
+    (upstream forces ``loss_mask[-1] = 0`` per sample before padding).
+    """
+    mask = loss_mask.long()
+    if attention_mask is not None:
+        mask = mask * attention_mask.long() * shift_left(attention_mask.long(), 1)
+    else:
+        mask = mask.clone()
+    mask[:, -1] = 0
+    return mask
+
+
+@torch.no_grad()
+def compute_teacher(
+    last_hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    t2d: torch.Tensor,
+    loss_mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> Eagle3Teacher:
+    """Teacher from the target's final post-norm hidden (B,S,H) and its frozen head (V,H).
+
+    ``loss_mask`` should be the effective mask. The logits are computed in the
+    head's dtype (fp32 stays exact; a bf16 head accumulates in fp32 as upstream)
+    with autocast off; argmax and softmax run in fp32. ``chunk_size`` bounds the
+    rows whose full-vocab logits exist at once.
+    """
+    B, S, H = last_hidden.shape
+    rows = shift_left(last_hidden, 1).reshape(B * S, H)
+    draft_rows = torch.nonzero(t2d.to(head_weight.device)).flatten()
+    ids, probs = [], []
+    with torch.autocast(device_type=last_hidden.device.type, enabled=False):
+        for chunk in rows.split(chunk_size or rows.shape[0]):
+            logits = F.linear(chunk.to(head_weight.dtype), head_weight).float()
+            ids.append(logits.argmax(-1))
+            probs.append(logits.index_select(-1, draft_rows).softmax(-1))
+    target_ids = torch.cat(ids).view(B, S)
+    target_p = torch.cat(probs).view(B, S, -1)
+    position_mask = t2d[target_ids].float() * loss_mask.float()
+    return Eagle3Teacher(target_ids, target_p, position_mask, loss_mask.long())
+
+
+def eagle3_loss(
+    step_logits: Sequence[torch.Tensor],
+    teacher: Eagle3Teacher,
+    d2t: torch.Tensor,
+    decay: float = 0.8,
+    normalize: Normalize = "positions",
+) -> Eagle3LossOutput:
+    """``L = Σ_k decay^k · ploss_k`` with ``ploss_k = -Σ_t m_{t+k} Σ_v p_{t+k,v} log q_{k,t,v} / N``.
+
+    ``normalize="positions"`` (upstream): N = B·S, every padded position counted.
+    ``normalize="tokens"``: N = the number of positions step k supervises
+    (Σ position_mask, at least 1), a per-token mean that does not depend on padding.
+    Counts: ``correct_k = Σ 1[d2t(argmax logits_k) == target_ids] · loss_mask`` and
+    ``total_k = Σ loss_mask`` at the k-shifted positions, so teacher tokens outside
+    the draft vocab count as misses.
+    """
+    if normalize not in ("positions", "tokens"):
+        raise ValueError(f"normalize must be 'positions' or 'tokens', got {normalize!r}")
+    B, S = teacher.target_ids.shape
+    plosses, correct, total = [], [], []
+    for k, logits in enumerate(step_logits):
+        n = S - k
+        logp = F.log_softmax(logits[:, :n].float(), dim=-1)
+        pm = teacher.position_mask[:, k:]
+        nll = -(pm * (teacher.target_p[:, k:] * logp).sum(-1)).sum()
+        denom = B * S if normalize == "positions" else pm.sum().clamp_min(1.0)
+        plosses.append(nll / denom)
+        with torch.no_grad():
+            pred = logits[:, :n].argmax(-1)
+            lm = teacher.loss_mask[:, k:]
+            correct.append(((pred + d2t[pred] == teacher.target_ids[:, k:]).long() * lm).sum())
+            total.append(lm.sum())
+    ploss = torch.stack(plosses)
+    weights = decay ** torch.arange(len(plosses), dtype=ploss.dtype, device=ploss.device)
+    return Eagle3LossOutput(
+        loss=(weights * ploss).sum(), ploss=ploss, correct=torch.stack(correct), total=torch.stack(total)
+    )

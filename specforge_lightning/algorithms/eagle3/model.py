@@ -1,0 +1,492 @@
+"""The EAGLE3 draft: one Llama decoder layer fed by the target's hidden states.
+
+Parameter names match SGLang's ``LlamaForCausalLMEagle3`` one to one, so an
+export is the state dict itself (plus ``embed_tokens.weight`` if wanted).
+
+Two ways to run it:
+
+* ``ttt_forward`` — training. Unrolls ``length`` test-time-training steps over a
+  whole padded batch at once (upstream EAGLE3 "TTT"): step 0 reads ``fc(aux)``,
+  step k reads step k-1's output and the tokens shifted k more places; the
+  query at (position t, step k) sees step-0 keys at positions <= t plus the
+  keys of steps 1..k at the same position t.
+* ``draft_step`` — inference, with an ``Eagle3Cache``. A chain step at the
+  position after the prefix attends to the prefix keys and the earlier chain
+  steps, which is exactly the TTT attention pattern above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specforge_lightning.algorithms.common import RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class Eagle3Config:
+    """Shape of the draft. ``from_target_config`` copies the target's layer geometry."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    vocab_size: int
+    draft_vocab_size: int
+    target_hidden_size: int
+    aux_layer_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
+        if self.hidden_act != "silu":
+            raise ValueError(f"only silu (SwiGLU) drafts are supported, got {self.hidden_act!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_target_config(
+        cls, cfg: Mapping[str, Any], draft_vocab_size: int, aux_layer_ids: Sequence[int]
+    ) -> Eagle3Config:
+        """Read a HF ``config.json`` dict (Transformers 4 ``rope_theta/rope_scaling`` or 5 ``rope_parameters``)."""
+        rope = cfg.get("rope_parameters") or {}
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        if rope:
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            scaling = None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+        else:
+            scaling = cfg.get("rope_scaling")
+        heads = int(cfg["num_attention_heads"])
+        return cls(
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=dict(scaling) if scaling else None,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            vocab_size=int(cfg["vocab_size"]),
+            draft_vocab_size=int(draft_vocab_size),
+            target_hidden_size=int(cfg["hidden_size"]),
+            aux_layer_ids=tuple(aux_layer_ids),
+            hidden_act=str(cfg.get("hidden_act", "silu")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["aux_layer_ids"] = list(self.aux_layer_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Eagle3Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def sglang_config(self) -> dict[str, Any]:
+        """``config.json`` for SGLang's ``LlamaForCausalLMEagle3`` (tie_word_embeddings must be false)."""
+        out = {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_hidden_layers": 1,
+            "hidden_act": self.hidden_act,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "vocab_size": self.vocab_size,
+            "draft_vocab_size": self.draft_vocab_size,
+            "target_hidden_size": self.target_hidden_size,
+            "tie_word_embeddings": False,
+        }
+        if self.aux_layer_ids:
+            out["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(self.aux_layer_ids)}
+        return out
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    k_diag: torch.Tensor | None = None,
+    v_diag: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention over shared keys plus per-query "diagonal" keys.
+
+    q: (B, kv, g, T, d) (GQA: g query heads per kv head); k, v: (B, kv, L, d);
+    allowed: (B, T, L) bool; k_diag, v_diag: (B, kv, T, n, d) — n extra keys that
+    only the query in the same row sees. One softmax (fp32) covers both sets.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)).float() * scale  # (B, kv, g, T, L)
+    scores = scores.masked_fill(~allowed[:, None, None], torch.finfo(torch.float32).min)
+    if k_diag is not None:
+        diag = torch.einsum("bhgtd,bhtnd->bhgtn", q, k_diag).float() * scale
+        scores = torch.cat([scores, diag], dim=-1)
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    L = k.shape[-2]
+    out = torch.matmul(probs[..., :L], v.unsqueeze(2))
+    if v_diag is not None:
+        out = out + torch.einsum("bhgtn,bhtnd->bhgtd", probs[..., L:], v_diag)
+    return out
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _TTTAttend:
+    """Attention state of one TTT unroll: step-0 keys (causal) and the later steps' diagonal keys."""
+
+    def __init__(self, allowed: torch.Tensor) -> None:
+        self.allowed = allowed
+        self.k0: torch.Tensor | None = None
+        self.v0: torch.Tensor | None = None
+        self.k_diag: list[torch.Tensor] = []
+        self.v_diag: list[torch.Tensor] = []
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.k0 is None:
+            self.k0, self.v0 = k, v
+            return _attend(q, k, v, self.allowed)
+        self.k_diag.append(k)
+        self.v_diag.append(v)
+        return _attend(
+            q, self.k0, self.v0, self.allowed, torch.stack(self.k_diag, dim=3), torch.stack(self.v_diag, dim=3)
+        )
+
+
+@dataclass
+class Eagle3Cache:
+    """KV cache of the draft's single layer: keys (RoPE applied) and values, (B, kv, length, d)."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
+        return self.k, self.v
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions (drop rejected draft tokens)."""
+        if self.k is not None:
+            self.k, self.v = self.k[..., :length, :], self.v[..., :length, :]
+
+
+class Eagle3Attention(nn.Module):
+    """GQA attention whose q/k/v read the 2H concat ``[emb; hidden]``; o_proj writes H."""
+
+    def __init__(self, c: Eagle3Config) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(2 * c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        B, T, _ = x.shape
+        g = self.n_heads // self.n_kv
+        q = self.q_proj(x).view(B, T, self.n_kv, g, self.head_dim).permute(0, 2, 3, 1, 4)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos[:, None, None], sin[:, None, None])
+        k = apply_rope(k, cos[:, None], sin[:, None])
+        out = attend(q, k, v)  # (B, kv, g, T, d)
+        return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Eagle3DecoderLayer(nn.Module):
+    """The EAGLE3 midlayer: attention over ``[input_layernorm(emb); hidden_norm(hidden)]``, then a SwiGLU MLP."""
+
+    def __init__(self, c: Eagle3Config) -> None:
+        super().__init__()
+        self.self_attn = Eagle3Attention(c)
+        self.mlp = SwiGLU(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(
+        self, emb: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
+        h = hidden + self.self_attn(x, cos, sin, attend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class FrozenEmbedding(nn.Module):
+    """The target's token embedding, held as a non-persistent buffer: frozen and never checkpointed."""
+
+    def __init__(self, num_embeddings: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num_embeddings, dim), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def shift_left(x: torch.Tensor, n: int = 1, fill: int | float = 0) -> torch.Tensor:
+    """``out[:, t] = x[:, t + n]``, padding the last ``n`` positions with ``fill``."""
+    if n == 0:
+        return x
+    pad = torch.full_like(x[:, :n], fill)
+    return torch.cat([x[:, n:], pad], dim=1)
+
+
+# --------------------------------------------------------------------------- the draft
+
+
+class Eagle3Draft(nn.Module):
+    """EAGLE3 draft model (names as SGLang's ``LlamaForCausalLMEagle3``)."""
+
+    def __init__(self, config: Eagle3Config) -> None:
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = FrozenEmbedding(c.vocab_size, c.hidden_size)
+        self.fc = nn.Linear(3 * c.target_hidden_size, c.hidden_size, bias=False)
+        self.midlayer = Eagle3DecoderLayer(c)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
+        # Default mapping: the draft vocab is the first Vd target ids.
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.arange(c.vocab_size) < c.draft_vocab_size)
+        self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=self.config.initializer_range)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    # ---- vocabulary
+
+    def set_vocab_mapping(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map draft-vocab ids to target ids: ``draft_id + d2t[draft_id]``."""
+        return draft_ids + self.d2t[draft_ids]
+
+    # ---- building blocks
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits ``lm_head(norm(hidden))``."""
+        return self.lm_head(self.norm(hidden))
+
+    def project_aux(self, aux_hidden: torch.Tensor) -> torch.Tensor:
+        """``fc`` over the concatenated captured target layers (3·H_t → H)."""
+        return self.fc(aux_hidden.to(self.fc.weight.dtype))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids).to(self.fc.weight.dtype)
+
+    # ---- training
+
+    def ttt_forward(
+        self,
+        input_ids: torch.Tensor,
+        aux_hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        length: int = 7,
+        position_ids: torch.Tensor | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Unroll ``length`` TTT steps; returns ``[(logits_k (B,S,Vd), hidden_k (B,S,H))]``.
+
+        ``input_ids`` are the batch's raw ids (x_t at t): step k feeds x_{t+1+k} at
+        position t (shift 1+k, zero-padded), next to hidden ``fc(aux)_t`` (k=0) or
+        step k-1's pre-norm output at t (k>0), with RoPE position ``position_ids + k``.
+        ``attention_mask`` (B,S) masks padded keys; queries are causal.
+        """
+        B, S = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=device)
+        if position_ids is None:
+            position_ids = torch.arange(S, device=device).expand(B, S)
+        causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+        attend = _TTTAttend(causal[None] & attention_mask.bool()[:, None, :])
+        hidden = self.project_aux(aux_hidden)
+        outputs = []
+        for k in range(length):
+            emb = self._embed(shift_left(input_ids, 1 + k))
+            cos, sin = rope_cos_sin(position_ids + k, self.inv_freq, hidden.dtype)
+            hidden = self.midlayer(emb, hidden, cos, sin, attend)
+            outputs.append((self.compute_logits(hidden), hidden))
+        return outputs
+
+    # ---- inference
+
+    @torch.no_grad()
+    def draft_step(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Eagle3Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Eagle3Cache]:
+        """One draft forward over T new positions, appending their keys to ``cache``.
+
+        Alignment (as in training): slot t pairs the hidden state *of* position t
+        with the token *after* it (x_{t+1}), at RoPE position t.
+
+        * First call / after each verification: ``hidden`` is the target's captured
+          aux states (B,T,3·H_t), concatenated in ``aux_layer_ids`` order; ``fc`` is
+          applied here. ``input_ids`` are the next tokens, ``position_ids`` the positions
+          of the hidden states.
+        * Chain steps: ``hidden`` is the previous call's ``hidden_out`` (B,T,H, pre-norm)
+          for the slot being extended, ``input_ids`` the token just drafted there, and
+          ``position_ids`` one more than that slot's previous position.
+
+        A hidden of width 3·H_t is treated as aux, a width of H as a draft hidden.
+        Queries attend to every cached key plus the new keys causally; after a
+        verification rejects tokens, ``cache.truncate(n_kept)``. Returns
+        ``(draft_logits (B,T,Vd), hidden_out (B,T,H), cache)``; map a sampled draft id
+        with ``to_target_ids``.
+        """
+        cache = Eagle3Cache() if cache is None else cache
+        c = self.config
+        if hidden.shape[-1] == 3 * c.target_hidden_size and hidden.shape[-1] != c.hidden_size:
+            hidden = self.project_aux(hidden)
+        hidden = hidden.to(self.fc.weight.dtype)
+        T = input_ids.shape[1]
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            start = cache.length
+            keys, values = cache.append(k, v)
+            rows = start + torch.arange(T, device=q.device)
+            allowed = torch.arange(keys.shape[-2], device=q.device)[None, :] <= rows[:, None]
+            return _attend(q, keys, values, allowed.expand(q.shape[0], T, -1))
+
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, hidden.dtype)
+        out = self.midlayer(self._embed(input_ids), hidden, cos, sin, attend)
+        return self.compute_logits(out), out, cache
+
+    # ---- export and initialisation
+
+    def export_state_dict(self, include_embedding: bool = True) -> dict[str, torch.Tensor]:
+        """SGLang-named tensors: the state dict, plus ``embed_tokens.weight`` if asked."""
+        sd = {k: v.detach() for k, v in self.state_dict().items()}
+        if include_embedding:
+            sd["embed_tokens.weight"] = self.embed_tokens.weight.detach()
+        return sd
+
+    @torch.no_grad()
+    def init_from_target(
+        self,
+        target_state_dict: Mapping[str, torch.Tensor],
+        target_config: Mapping[str, Any],
+        *,
+        lm_head: bool = True,
+        norm: bool = True,
+        fc: bool = True,
+        midlayer: bool = True,
+        layer: int = -1,
+        fc_chunk: int = -1,
+        emb_half_scale: float = 0.0,
+    ) -> list[str]:
+        """Smart initialisation from target weights; each part is a switch. Returns the names set.
+
+        * ``lm_head``: the target head's rows for the draft vocab (head = ``lm_head.weight``,
+          or the embedding when tied).
+        * ``norm``: the target's final norm.
+        * ``fc``: identity on aux chunk ``fc_chunk`` (default the last captured layer), zeros elsewhere.
+        * ``midlayer``: from target decoder layer ``layer`` (default the last): q/k/v hidden-half
+          columns, o_proj, the MLP and both norms (``input_layernorm`` and ``hidden_norm`` both get
+          the target's input norm); the embedding-half q/k/v columns are the current (random)
+          ones times ``emb_half_scale`` (0 → zeros).
+
+        ``target_state_dict`` may use HF names with or without the ``model.`` prefix.
+        """
+        c = self.config
+        sd = {k.removeprefix("model."): v for k, v in target_state_dict.items()}
+        done: list[str] = []
+
+        def put(param: torch.Tensor, name: str, value: torch.Tensor) -> None:
+            if param.shape != value.shape:
+                raise ValueError(f"smart init: {name} has shape {tuple(value.shape)}, draft needs {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+            done.append(name)
+
+        if lm_head:
+            head = sd.get("lm_head.weight")
+            if head is None or target_config.get("tie_word_embeddings", False):
+                head = sd["embed_tokens.weight"]
+            ids = torch.arange(c.draft_vocab_size, device=self.d2t.device) + self.d2t
+            put(self.lm_head.weight, "lm_head.weight", head[ids.to(head.device)])
+        if norm:
+            put(self.norm.weight, "norm.weight", sd["norm.weight"])
+        if fc:
+            if c.hidden_size != c.target_hidden_size:
+                raise ValueError("fc identity init needs draft hidden == target hidden")
+            w = torch.zeros_like(self.fc.weight)
+            chunk = fc_chunk % 3
+            H = c.hidden_size
+            w[:, chunk * H : (chunk + 1) * H] = torch.eye(H, dtype=w.dtype, device=w.device)
+            put(self.fc.weight, "fc.weight", w)
+        if midlayer:
+            n_layers = int(target_config["num_hidden_layers"])
+            p = f"layers.{layer % n_layers}."
+            H = c.hidden_size
+            attn, mid = self.midlayer.self_attn, self.midlayer
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                mod = getattr(attn, proj)
+                w = torch.cat([mod.weight[:, :H] * emb_half_scale, sd[p + f"self_attn.{proj}.weight"].to(mod.weight)], 1)
+                put(mod.weight, f"midlayer.self_attn.{proj}.weight", w)
+            put(attn.o_proj.weight, "midlayer.self_attn.o_proj.weight", sd[p + "self_attn.o_proj.weight"])
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                put(getattr(mid.mlp, proj).weight, f"midlayer.mlp.{proj}.weight", sd[p + f"mlp.{proj}.weight"])
+            put(mid.input_layernorm.weight, "midlayer.input_layernorm.weight", sd[p + "input_layernorm.weight"])
+            put(mid.hidden_norm.weight, "midlayer.hidden_norm.weight", sd[p + "input_layernorm.weight"])
+            put(
+                mid.post_attention_layernorm.weight,
+                "midlayer.post_attention_layernorm.weight",
+                sd[p + "post_attention_layernorm.weight"],
+            )
+        return done
+
+
+def target_keys_for_init(target_config: Mapping[str, Any], layer: int = -1) -> list[str]:
+    """HF names ``init_from_target`` may read (so a loader can fetch only these)."""
+    p = f"model.layers.{layer % int(target_config['num_hidden_layers'])}."
+    parts = [f"self_attn.{n}_proj.weight" for n in "qkvo"] + [f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+    parts += ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    return ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] + [p + s for s in parts]
+
+
+__all__ = [
+    "Eagle3Cache",
+    "Eagle3Config",
+    "Eagle3Draft",
+    "shift_left",
+    "target_keys_for_init",
+]

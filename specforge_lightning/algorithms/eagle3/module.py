@@ -1,0 +1,248 @@
+"""EAGLE3 as a LightningModule: the draft, its frozen teacher head, the TTT loss and acceptance metrics.
+
+The draft is built lazily from a ``FeatureContext`` (the target folder, the captured
+layer ids and the vocab mapping): in ``setup`` from ``trainer.datamodule.feature_context``,
+or in ``on_load_checkpoint`` from the context stored in the checkpoint, so
+``Eagle3Module.load_from_checkpoint(path)`` works without a datamodule (the target
+folder must still exist: the frozen embedding and teacher head are reloaded from it
+and never stored in checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+
+from specforge_lightning.algorithms.common import (
+    build_adamw_cosine,
+    load_target_tensors,
+    load_vocab_mapping,
+    read_target_config,
+    target_head_name,
+)
+from specforge_lightning.algorithms.eagle3.loss import (
+    Eagle3LossOutput,
+    compute_teacher,
+    eagle3_loss,
+    effective_loss_mask,
+)
+from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft, target_keys_for_init
+from specforge_lightning.contracts import FeatureContext, StrategySpec
+from specforge_lightning.evaluation.metrics import AcceptanceMetric
+
+CHECKPOINT_KEY = "eagle3"
+
+
+def _context_to_dict(ctx: FeatureContext) -> dict[str, Any]:
+    d = dataclasses.asdict(ctx)
+    d["layer_ids"] = list(ctx.layer_ids)
+    d["manifest"] = dict(ctx.manifest)
+    return d
+
+
+def _context_from_dict(d: Mapping[str, Any]) -> FeatureContext:
+    return FeatureContext(**{**d, "layer_ids": tuple(d["layer_ids"])})
+
+
+class Eagle3Module(L.LightningModule):
+    """Train an EAGLE3 draft with the TTT loss (upstream defaults: 7 steps, decay 0.8).
+
+    Args:
+        ttt_length: TTT unroll length K.
+        loss_decay: weight ``decay**k`` of step k.
+        loss_normalize: ``"positions"`` (upstream: mean over all B·S) or ``"tokens"``.
+        lr, weight_decay, betas: AdamW (torch defaults for betas/eps, as upstream).
+        warmup_ratio, min_lr_ratio: linear warmup over ``int(warmup_ratio·total)`` optimizer
+            steps, then cosine to ``min_lr_ratio·lr``; total = ``trainer.estimated_stepping_batches``.
+        frozen_dtype: storage dtype of the frozen embedding and teacher head (``None``: as in
+            the target files). The draft's own precision is the Trainer's ``precision``; the
+            teacher softmax/argmax always run in fp32.
+        teacher_chunk_size: rows of full-vocab teacher logits computed at once (``None``: all).
+        init_*: smart initialisation from the target, each part switchable
+            (see ``Eagle3Draft.init_from_target``); all off reproduces upstream.
+
+    Gradient clipping is the Trainer's ``gradient_clip_val`` (recipes use 0.5, as upstream).
+    """
+
+    strategy_spec: ClassVar[StrategySpec] = StrategySpec(
+        name="eagle3",
+        features=("input_ids", "loss_mask", "aux_hidden_states", "last_hidden_state"),
+        min_supervised_run=1,
+        layer_preset="eagle3",
+        loss=eagle3_loss,
+    )
+
+    def __init__(
+        self,
+        ttt_length: int = 7,
+        loss_decay: float = 0.8,
+        loss_normalize: str = "positions",
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.015,
+        min_lr_ratio: float = 0.0,
+        frozen_dtype: str | None = None,
+        teacher_chunk_size: int | None = None,
+        init_lm_head: bool = False,
+        init_norm: bool = False,
+        init_fc: bool = False,
+        init_midlayer: bool = False,
+        init_layer: int = -1,
+        init_fc_chunk: int = -1,
+        init_emb_half_scale: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.draft: Eagle3Draft | None = None
+        self.draft_config: Eagle3Config | None = None
+        self.context: FeatureContext | None = None
+        self.register_buffer("teacher_head", None, persistent=False)
+        self.train_acceptance = AcceptanceMetric(ttt_length, dist_sync_on_step=True)
+        self.val_acceptance = AcceptanceMetric(ttt_length)
+
+    # ------------------------------------------------------------------ building
+
+    def build(self, context: FeatureContext) -> None:
+        """Create the draft for ``context``'s target, load frozen weights and the vocab mapping, smart-init."""
+        target_cfg = read_target_config(context.target_dir)
+        config = Eagle3Config.from_target_config(target_cfg, context.draft_vocab_size, context.layer_ids)
+        if config.target_hidden_size != context.hidden_size or config.vocab_size != context.vocab_size:
+            raise ValueError(
+                f"feature context (hidden {context.hidden_size}, vocab {context.vocab_size}) does not match "
+                f"the target config in {context.target_dir} ({config.target_hidden_size}, {config.vocab_size})"
+            )
+        self._build(context, config, target_cfg, fresh=True)
+
+    def _build(self, context: FeatureContext, config: Eagle3Config, target_cfg: dict[str, Any], fresh: bool) -> None:
+        hp = self.hparams
+        draft = Eagle3Draft(config)
+        smart = fresh and any((hp.init_lm_head, hp.init_norm, hp.init_fc, hp.init_midlayer))
+        head_name = target_head_name(target_cfg)
+        names = ["model.embed_tokens.weight", head_name]
+        if smart:
+            names += target_keys_for_init(target_cfg, hp.init_layer)
+        dtype = getattr(torch, hp.frozen_dtype) if hp.frozen_dtype else None
+        tensors = load_target_tensors(context.target_dir, names, dtype=dtype)
+        if head_name not in tensors:  # untied config but no separate head in the files
+            head_name = "model.embed_tokens.weight"
+        draft.embed_tokens.weight = tensors["model.embed_tokens.weight"]
+        if fresh:  # a restored checkpoint carries d2t/t2d itself
+            draft.set_vocab_mapping(
+                *load_vocab_mapping(context.vocab_mapping_path, config.vocab_size, config.draft_vocab_size)
+            )
+        if smart:
+            draft.init_from_target(
+                {k: v.float() for k, v in tensors.items()},
+                target_cfg,
+                lm_head=hp.init_lm_head,
+                norm=hp.init_norm,
+                fc=hp.init_fc,
+                midlayer=hp.init_midlayer,
+                layer=hp.init_layer,
+                fc_chunk=hp.init_fc_chunk,
+                emb_half_scale=hp.init_emb_half_scale,
+            )
+        self.teacher_head = tensors[head_name].to(self.device)
+        self.draft = draft.to(self.device)
+        self.draft_config, self.context = config, context
+
+    def setup(self, stage: str) -> None:
+        if self.draft is not None:
+            return
+        context = getattr(getattr(self.trainer, "datamodule", None), "feature_context", None)
+        if context is None:
+            raise RuntimeError("Eagle3Module needs trainer.datamodule.feature_context (or call build(context) first)")
+        self.build(context)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.draft is None:
+            raise RuntimeError("cannot checkpoint an Eagle3Module that was never built")
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": 1,
+            "feature_context": _context_to_dict(self.context),
+            "draft_config": self.draft_config.to_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint[CHECKPOINT_KEY]
+        config = Eagle3Config.from_dict(meta["draft_config"])
+        if self.draft is None:
+            context = _context_from_dict(meta["feature_context"])
+            self._build(context, config, read_target_config(context.target_dir), fresh=False)
+        elif self.draft_config != config:
+            raise ValueError(f"checkpoint draft config {config} differs from the built draft {self.draft_config}")
+
+    # ------------------------------------------------------------------ the step
+
+    def compute_loss(self, batch: Any) -> Eagle3LossOutput:
+        """Loss and acceptance counts for a ``TrainBatch`` (or its tensor dict); usable from any loop."""
+        t = batch.tensors if hasattr(batch, "tensors") else batch
+        input_ids = t["input_ids"]
+        attention_mask = t.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = effective_loss_mask(t["loss_mask"], attention_mask)
+        teacher = compute_teacher(
+            t["last_hidden_state"], self.teacher_head, self.draft.t2d, mask, self.hparams.teacher_chunk_size
+        )
+        steps = self.draft.ttt_forward(input_ids, t["aux_hidden_states"], attention_mask, self.hparams.ttt_length)
+        return eagle3_loss(
+            [logits for logits, _ in steps],
+            teacher,
+            self.draft.d2t,
+            decay=self.hparams.loss_decay,
+            normalize=self.hparams.loss_normalize,
+        )
+
+    def forward(self, batch: Any) -> Eagle3LossOutput:
+        return self.compute_loss(batch)
+
+    @staticmethod
+    def _batch_size(batch: Any) -> int:
+        t = batch.tensors if hasattr(batch, "tensors") else batch
+        return int(t["input_ids"].shape[0])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self.compute_loss(batch)
+        bs = self._batch_size(batch)
+        pooled = self.train_acceptance(out.correct, out.total)  # this step's counts, summed over ranks
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/acceptance_length", pooled["acceptance_length"], prog_bar=True, batch_size=bs)
+        for k in range(len(out.ploss)):
+            self.log(f"train/acc_{k}", pooled["acc_k"][k], batch_size=bs)
+            self.log(f"train/ploss_{k}", out.ploss[k].detach(), batch_size=bs)
+        return out.loss
+
+    def on_train_epoch_start(self) -> None:
+        self.train_acceptance.reset()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        out = self.compute_loss(batch)
+        self.val_acceptance.update(out.correct, out.total)
+        self.log("val/loss", out.loss, on_epoch=True, sync_dist=True, batch_size=self._batch_size(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_acceptance.compute()  # states are summed across ranks first
+        self.val_acceptance.reset()
+        # Every rank holds the same global value; sync_dist only silences Lightning's epoch-level warning.
+        self.log("val/acceptance_length", result["acceptance_length"].float(), prog_bar=True, sync_dist=True)
+        self.log("val/acc", result["acc"].float(), sync_dist=True)
+        for k, a in enumerate(result["acc_k"]):
+            self.log(f"val/acc_{k}", a.float(), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return build_adamw_cosine(
+            self.draft.parameters(),
+            lr=hp.lr,
+            total_steps=self.trainer.estimated_stepping_batches,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            warmup_ratio=hp.warmup_ratio,
+            min_lr_ratio=hp.min_lr_ratio,
+        )

@@ -1,0 +1,147 @@
+"""Command line: LightningCLI for fit/validate/test, plain commands for the rest.
+
+    python -m specforge_lightning fit --config configs/eagle3.yaml [--trainer.max_steps=100 ...]
+    python -m specforge_lightning prepare --config configs/eagle3.yaml
+    python -m specforge_lightning show-mask --target smollm2-135m-instruct --index 0
+    python -m specforge_lightning evaluate --config configs/eagle3.yaml --ckpt_path ... --output al.json
+    python -m specforge_lightning export --ckpt_path ... --format sglang --output_dir ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_lightning(args: Sequence[str]) -> None:
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from specforge_lightning.data.datamodule import FeatureDataModule
+
+    # LightningCLI reads sys.argv when ``args`` is None; hand it ours explicitly and keep argv clean.
+    sys.argv = sys.argv[:1]
+    LightningCLI(
+        L.LightningModule,
+        FeatureDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=list(args),
+        seed_everything_default=0,
+    )
+
+
+def _config_section(path: str, section: str) -> dict:
+    """Read ``data.prepare`` out of a fit config (or the whole file for a plain prepare YAML)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            node = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise SystemExit(f"config file not found: {path}") from None
+    if "data" not in node:
+        return node
+    for key in section.split("."):
+        node = node.get("init_args", node) if isinstance(node, dict) else {}
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    return node or {}
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def cmd_prepare(args: Sequence[str]) -> None:
+    from jsonargparse import ArgumentParser
+
+    from specforge_lightning.target.prepare import PrepareConfig, prepare
+
+    parser = ArgumentParser(prog="specforge_lightning prepare", description="Capture target features to disk.")
+    parser.add_argument("--config", type=str, default=None, help="a fit config (uses data.prepare) or a prepare YAML")
+    parser.add_class_arguments(PrepareConfig, as_group=False)
+    config = _flag_value(args, "--config")
+    if config:
+        section = _config_section(config, "data.prepare")
+        unknown = sorted(set(section) - set(PrepareConfig.__dataclass_fields__))
+        if unknown:
+            raise SystemExit(f"prepare: unknown key(s) {unknown} in {config}; known: {sorted(PrepareConfig.__dataclass_fields__)}")
+        parser.set_defaults(**section)
+    ns = parser.parse_args(list(args))
+    cfg = PrepareConfig(**{k: getattr(ns, k) for k in PrepareConfig.__dataclass_fields__})
+    manifest = prepare(cfg)
+    train = manifest["splits"].get("train", {})
+    print(
+        f"prepared {train.get('num_samples', 0)} train samples ({train.get('num_tokens', 0)} tokens) "
+        f"in {cfg.output_dir}; manifest: {os.path.join(cfg.output_dir, 'manifest.json')}"
+    )
+
+
+def cmd_show_mask(args: Sequence[str]) -> None:
+    from jsonargparse import ArgumentParser
+    from transformers import AutoTokenizer
+
+    from specforge_lightning.data.chat import print_masked_sample, tokenize_conversation
+    from specforge_lightning.data.corpus import load_conversations
+    from specforge_lightning.target.zoo import resolve_target
+
+    parser = ArgumentParser(prog="specforge_lightning show-mask", description="Print a sample with its supervised spans highlighted.")
+    parser.add_argument("--target", type=str, default="smollm2-135m-instruct")
+    parser.add_argument("--corpus", type=str, default="sharegpt")
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--train_only_last_turn", type=bool, default=False)
+    ns = parser.parse_args(list(args))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_target(ns.target)))
+    messages = load_conversations(ns.corpus, limit=1, skip=ns.index)[0]
+    ids, mask = tokenize_conversation(tokenizer, messages, ns.max_length, train_only_last_turn=ns.train_only_last_turn)
+    print_masked_sample(tokenizer, ids, mask)
+
+
+def _lazy(module: str, name: str) -> Callable[[Sequence[str]], None]:
+    def run(args: Sequence[str]) -> None:
+        import importlib
+
+        getattr(importlib.import_module(module), name)(args)
+
+    return run
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "prepare": cmd_prepare,
+    "show-mask": cmd_show_mask,
+    "evaluate": _lazy("specforge_lightning.evaluation.command", "main"),
+    "export": _lazy("specforge_lightning.export.command", "main"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    _quiet_env()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = (*LIGHTNING_COMMANDS, *COMMANDS)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("commands:", ", ".join(commands))
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_COMMANDS:
+        run_lightning([command, *rest])
+    elif command in COMMANDS:
+        COMMANDS[command](rest)
+    else:
+        raise SystemExit(f"unknown command {command!r}; choose one of: {', '.join(commands)}")

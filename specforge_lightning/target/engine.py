@@ -1,0 +1,96 @@
+"""TargetEngine: the frozen target that turns prompts into features.
+
+Backends: ``HFTargetEngine`` runs a transformers model in-process; an SGLang
+backend talks to a server (GPU only, imported lazily). Both return, per
+sample, unpadded tensors keyed by feature name:
+
+- ``input_ids`` (L,) int64 and ``loss_mask`` (L,) int64
+- ``aux_hidden_states`` (L, k*H): outputs of the chosen decoder layers, concatenated
+- ``last_hidden_state`` (L, H): the final post-norm hidden state (lm_head input)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from specforge_lightning.contracts import PromptTask
+
+
+class TargetEngine(Protocol):
+    num_layers: int
+    hidden_size: int
+
+    def capture(self, tasks: Sequence[PromptTask], layer_ids: Sequence[int]) -> list[dict[str, torch.Tensor]]: ...
+
+
+class HFTargetEngine:
+    """Frozen transformers causal LM; forward hooks collect the chosen layers' outputs."""
+
+    def __init__(self, model: torch.nn.Module, capture_dtype: torch.dtype = torch.bfloat16, pad_id: int = 0):
+        self.model = model.eval().requires_grad_(False)
+        self.capture_dtype = capture_dtype
+        self.pad_id = pad_id
+        cfg = model.config
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.hidden_size = int(cfg.hidden_size)
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_path(cls, path: str, dtype: torch.dtype = torch.bfloat16, capture_dtype: torch.dtype | None = None):
+        from specforge_lightning.target.zoo import load_target
+
+        model, tokenizer = load_target(path, dtype=dtype)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(model, capture_dtype=capture_dtype or dtype, pad_id=pad)
+
+    def _decoder(self) -> torch.nn.Module:
+        return self.model.model
+
+    @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
+    def capture(self, tasks: Sequence[PromptTask], layer_ids: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        if not tasks:
+            return []
+        bad = [i for i in layer_ids if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"layer ids {bad} are outside the target's {self.num_layers} layers")
+        lengths = [t.num_tokens for t in tasks]
+        seq = max(lengths)
+        ids = torch.full((len(tasks), seq), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(tasks), seq), dtype=torch.long)
+        for row, task in enumerate(tasks):
+            ids[row, : task.num_tokens] = torch.tensor(task.input_ids, dtype=torch.long)
+            attn[row, : task.num_tokens] = 1
+
+        decoder = self._decoder()
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [
+            decoder.layers[i].register_forward_hook(lambda _m, _a, out, i=i: captured.__setitem__(i, _first(out)))
+            for i in sorted(set(layer_ids))
+        ]
+        try:
+            out = decoder(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        last = out.last_hidden_state  # after the final norm: what lm_head reads
+        aux = torch.cat([captured[i] for i in layer_ids], dim=-1)
+
+        samples = []
+        for row, task in enumerate(tasks):
+            n = lengths[row]
+            samples.append(
+                {
+                    "input_ids": ids[row, :n].clone(),
+                    "loss_mask": torch.tensor(task.loss_mask, dtype=torch.long),
+                    "aux_hidden_states": aux[row, :n].to(self.capture_dtype).cpu().clone(),
+                    "last_hidden_state": last[row, :n].to(self.capture_dtype).cpu().clone(),
+                }
+            )
+        return samples
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out

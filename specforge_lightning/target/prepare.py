@@ -1,0 +1,272 @@
+"""Offline capture: conversations → target features on disk, with a manifest.
+
+Layout of a prepared directory::
+
+    manifest.json              what was captured, from what, and how far it got
+    vocab_mapping.safetensors  d2t / t2d for the draft vocabulary
+    train/shard_00000.safetensors, ...   (data/shards.py format)
+    val/shard_00000.safetensors, ...
+
+Shards are deterministic slices of the task list, so a rerun skips the shards
+that already exist and are readable. A directory whose manifest disagrees with
+the request is refused, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specforge_lightning.contracts import SCHEMA_VERSION, PromptTask
+from specforge_lightning.data import corpus as corpus_lib
+from specforge_lightning.data.chat import template_hash, tokenize_conversation, tokenizer_hash
+from specforge_lightning.data.shards import ShardError, read_shard_index, write_shard
+from specforge_lightning.data.vocab import build_vocab_mapping, count_supervised_tokens, coverage, save_vocab_mapping
+from specforge_lightning.target.layers import resolve_layer_ids
+
+MANIFEST = "manifest.json"
+VOCAB_FILE = "vocab_mapping.safetensors"
+# Fields that define what the features ARE; any difference makes old shards unusable.
+IDENTITY_FIELDS = (
+    "schema_version",
+    "target",
+    "target_weights_hash",
+    "layer_ids",
+    "capture_dtype",
+    "max_length",
+    "tokenizer_hash",
+    "chat_template_hash",
+    "corpus",
+    "skip_samples",
+    "num_samples",
+    "num_val_samples",
+    "max_messages",
+    "train_only_last_turn",
+    "draft_vocab_size",
+    "shard_size",
+)
+
+
+@dataclass
+class PrepareConfig:
+    """Everything that decides which features a prepared directory holds."""
+
+    output_dir: str = "outputs/features/eagle3-smollm2"
+    target: str = "smollm2-135m-instruct"
+    corpus: str = "sharegpt"
+    num_samples: int = 200
+    num_val_samples: int = 20
+    skip_samples: int = 0
+    max_length: int = 256
+    max_messages: int | None = None
+    train_only_last_turn: bool = False
+    layer_preset: str = "eagle3"
+    layer_ids: list[int] | None = None
+    draft_vocab_size: int = 8192
+    batch_size: int = 8
+    shard_size: int = 64
+    capture_dtype: str = "bfloat16"
+    compute_dtype: str = "bfloat16"
+    cache_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _dtype(name: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use e.g. 'bfloat16' or 'float32'")
+    return value
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, directory / MANIFEST)
+
+
+def manifest_mismatch(existing: dict[str, Any], wanted: dict[str, Any], fields=IDENTITY_FIELDS) -> str | None:
+    """A message naming the first field whose value differs, or None."""
+    for name in fields:
+        if name in wanted and existing.get(name) != wanted[name]:
+            return f"{name}: prepared {existing.get(name)!r}, requested {wanted[name]!r}"
+    return None
+
+
+def build_tasks(cfg: PrepareConfig, tokenizer) -> tuple[list[PromptTask], list[PromptTask], int]:
+    """Tokenize conversations into train and val PromptTasks; returns (train, val, dropped)."""
+    total = cfg.num_samples + cfg.num_val_samples
+    tasks: list[PromptTask] = []
+    dropped = 0
+    position = cfg.skip_samples
+    # Read in chunks: conversations whose prompt fills max_length give no supervised token.
+    while len(tasks) < total:
+        want = max(16, 2 * (total - len(tasks)))
+        convs = corpus_lib.load_conversations(cfg.corpus, limit=want, skip=position)
+        for messages in convs:
+            index, position = position, position + 1
+            if cfg.max_messages:
+                messages = messages[: cfg.max_messages]
+            ids, mask = tokenize_conversation(
+                tokenizer, messages, cfg.max_length, train_only_last_turn=cfg.train_only_last_turn
+            )
+            if sum(mask) < 2:
+                dropped += 1
+                continue
+            tasks.append(PromptTask(f"c{index:06d}", tuple(ids), tuple(mask), {"corpus": cfg.corpus}))
+            if len(tasks) == total:
+                break
+        if len(convs) < want and len(tasks) < total:
+            raise ValueError(f"corpus {cfg.corpus!r} gave only {len(tasks)} usable conversations, {total} requested")
+    # Validation comes from the END of the slice, so growing num_samples never leaks val into train.
+    return tasks[: cfg.num_samples], tasks[cfg.num_samples :], dropped
+
+
+def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Capture features for ``cfg``; restartable; returns the final manifest."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from specforge_lightning.target.engine import HFTargetEngine
+    from specforge_lightning.target.zoo import resolve_target, weights_hash
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target_dir = resolve_target(cfg.target, cfg.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    hf_config = AutoConfig.from_pretrained(str(target_dir))
+    layer_ids = resolve_layer_ids(cfg.layer_preset, hf_config.num_hidden_layers, cfg.layer_ids)
+
+    identity = {
+        "schema_version": SCHEMA_VERSION,
+        "target": cfg.target,
+        "target_weights_hash": weights_hash(target_dir),
+        "layer_ids": layer_ids,
+        "capture_dtype": cfg.capture_dtype,
+        "max_length": cfg.max_length,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "chat_template_hash": template_hash(tokenizer),
+        "corpus": cfg.corpus,
+        "skip_samples": cfg.skip_samples,
+        "num_samples": cfg.num_samples,
+        "num_val_samples": cfg.num_val_samples,
+        "max_messages": cfg.max_messages,
+        "train_only_last_turn": cfg.train_only_last_turn,
+        "draft_vocab_size": cfg.draft_vocab_size,
+        "shard_size": cfg.shard_size,
+    }
+    existing = read_manifest(out)
+    if existing is not None:
+        diff = manifest_mismatch(existing, identity)
+        if diff:
+            raise ValueError(f"{out} holds features prepared differently ({diff}); use another output_dir")
+        if existing.get("complete"):
+            return existing
+
+    train, val, dropped = build_tasks(cfg, tokenizer)
+    counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in train)
+    d2t, t2d = build_vocab_mapping(counts, len(tokenizer), cfg.draft_vocab_size)
+    val_counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in val)
+    save_vocab_mapping(out / VOCAB_FILE, d2t, t2d)
+    manifest = {
+        **identity,
+        "format": "specforge-features",
+        "target_id": Path(target_dir).name,
+        "hidden_size": int(hf_config.hidden_size),
+        "num_layers": int(hf_config.num_hidden_layers),
+        "vocab_size": len(tokenizer),
+        "vocab_mapping": VOCAB_FILE,
+        "draft_vocab_coverage": {"train": coverage(counts, t2d), "val": coverage(val_counts, t2d)},
+        "dropped_conversations": dropped,
+        "complete": False,
+        "splits": {},
+    }
+    _write_manifest(out, manifest)
+
+    engine = None
+    stats = {"nan_skipped": 0, "captured_tokens": 0, "seconds": 0.0}
+    for split, tasks in (("train", train), ("val", val)):
+        shards = []
+        num_shards = math.ceil(len(tasks) / cfg.shard_size)
+        (out / split).mkdir(exist_ok=True)
+        for shard_index in range(num_shards):
+            rel = f"{split}/shard_{shard_index:05d}.safetensors"
+            shards.append(rel)
+            if _shard_is_complete(out / rel):
+                continue
+            if engine is None:
+                engine = HFTargetEngine.from_path(
+                    str(target_dir), dtype=_dtype(cfg.compute_dtype), capture_dtype=_dtype(cfg.capture_dtype)
+                )
+            chunk = tasks[shard_index * cfg.shard_size : (shard_index + 1) * cfg.shard_size]
+            samples = _capture_chunk(engine, chunk, layer_ids, cfg.batch_size, stats, progress, rel)
+            write_shard(out / rel, samples, {"split": split, "target": cfg.target})
+        manifest["splits"][split] = {
+            "shards": shards,
+            "num_samples": len(tasks),
+            "num_tokens": sum(t.num_tokens for t in tasks),
+            "num_supervised": sum(t.num_supervised for t in tasks),
+        }
+    manifest["nan_skipped"] = manifest.get("nan_skipped", 0) + stats["nan_skipped"]
+    if stats["seconds"]:
+        manifest["capture_tokens_per_s"] = round(stats["captured_tokens"] / stats["seconds"], 1)
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def _shard_is_complete(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        read_shard_index(path)
+        return True
+    except ShardError:
+        path.unlink()  # half-written or corrupt: capture it again
+        return False
+
+
+def _capture_chunk(engine, tasks, layer_ids, batch_size, stats, progress, label):
+    from rich.progress import Progress
+
+    samples = []
+    # Length-sorted batches waste less compute on padding; output order stays the task order.
+    order = sorted(range(len(tasks)), key=lambda i: tasks[i].num_tokens)
+    captured: dict[int, dict[str, torch.Tensor]] = {}
+    with Progress(disable=not progress, transient=True) as bar:
+        job = bar.add_task(f"capture {label}", total=len(tasks))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            t0 = time.perf_counter()
+            feats = engine.capture([tasks[i] for i in idx], layer_ids)
+            stats["seconds"] += time.perf_counter() - t0
+            for i, f in zip(idx, feats):
+                stats["captured_tokens"] += tasks[i].num_tokens
+                if any(v.is_floating_point() and torch.isnan(v).any() for v in f.values()):
+                    stats["nan_skipped"] += 1
+                    continue
+                captured[i] = f
+            bar.advance(job, len(idx))
+    for i in range(len(tasks)):
+        if i in captured:
+            samples.append((tasks[i].task_id, captured[i]))
+    return samples
+
+
+def prepare_config_dict(cfg: PrepareConfig) -> dict[str, Any]:
+    return asdict(cfg)

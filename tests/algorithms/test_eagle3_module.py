@@ -1,0 +1,213 @@
+"""Eagle3Module against a tiny random Llama target saved to disk: fit, checkpoint, smart init, inference parity."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specforge_lightning.algorithms.common import warmup_cosine
+from specforge_lightning.algorithms.eagle3 import Eagle3Module
+from specforge_lightning.algorithms.eagle3.loss import compute_teacher, effective_loss_mask
+from specforge_lightning.algorithms.eagle3.model import shift_left
+from specforge_lightning.algorithms.registry import get_algorithm, strategy_spec
+from specforge_lightning.contracts import FeatureContext, TrainBatch
+from specforge_lightning.evaluation.metrics import simulated_acceptance_length
+
+V, VD, H, LAYERS = 64, 24, 32, 4
+AUX = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """A random 4-layer Llama saved as config.json + model.safetensors, its vocab mapping, and batches."""
+    root = tmp_path_factory.mktemp("eagle3_target")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=H, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=V, max_position_embeddings=64, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, initializer_range=0.3,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(root / "target")
+    used = torch.cat([torch.arange(0, 16), torch.arange(40, 48)])  # VD ids; the rest are outside
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[used] = True
+    save_file({"d2t": used - torch.arange(VD), "t2d": t2d}, str(root / "vocab.safetensors"))
+    context = FeatureContext(
+        target_dir=str(root / "target"), target_id="tiny-llama", layer_ids=AUX, hidden_size=H, vocab_size=V,
+        draft_vocab_size=VD, vocab_mapping_path=str(root / "vocab.safetensors"), capture_dtype="float32",
+    )
+    batches = [capture(model, seed) for seed in range(4)]
+    return model, context, batches
+
+
+def capture(model: LlamaForCausalLM, seed: int, B: int = 2, S: int = 12) -> TrainBatch:
+    """Run the target like the capture side would: aux = outputs of AUX layers, last = final post-norm hidden."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [S, S - 3]
+    attn = torch.zeros(B, S, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        attn[b, :n] = 1
+    ids = torch.randint(0, V, (B, S), generator=g) * attn
+    outs = {}
+    hooks = [
+        model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+        for i in AUX
+    ]
+    with torch.no_grad():
+        last = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+    for h in hooks:
+        h.remove()
+    loss_mask = attn.clone()
+    loss_mask[:, :3] = 0
+    tensors = {
+        "input_ids": ids, "loss_mask": loss_mask, "attention_mask": attn,
+        "aux_hidden_states": torch.cat([outs[i] for i in AUX], -1).to(torch.bfloat16), "last_hidden_state": last,
+    }
+    return TrainBatch(sample_ids=[f"s{seed}-{b}" for b in range(B)], strategy="eagle3", tensors=tensors)
+
+
+class ListData(L.LightningDataModule):
+    def __init__(self, context: FeatureContext, batches: list[TrainBatch]) -> None:
+        super().__init__()
+        self.feature_context = context
+        self.batches = batches
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(self.batches, batch_size=None, collate_fn=lambda b: b)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
+
+
+def trainer(**kw) -> L.Trainer:
+    base = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=0.5,
+    )
+    return L.Trainer(**{**base, **kw})
+
+
+def mean_loss(module: Eagle3Module, batches: list[TrainBatch]) -> float:
+    with torch.no_grad():
+        return sum(module.compute_loss(b).loss.item() for b in batches) / len(batches)
+
+
+def test_registry_and_strategy_spec():
+    assert get_algorithm("eagle3") is Eagle3Module
+    spec = strategy_spec("eagle3")
+    assert spec.name == "eagle3" and spec.min_supervised_run == 1 and callable(spec.loss)
+    assert set(spec.features) == {"input_ids", "loss_mask", "aux_hidden_states", "last_hidden_state"}
+
+
+def test_fit_lowers_loss_and_checkpoint_restores_without_build(target, tmp_path):
+    model, context, batches = target
+    L.seed_everything(0)
+    module = Eagle3Module(ttt_length=3, lr=1e-2, warmup_ratio=0.1)
+    data = ListData(context, batches)
+    t = trainer(max_steps=20, limit_val_batches=2, val_check_interval=4)
+    module.build(context)
+    before = mean_loss(module, batches)
+    t.fit(module, datamodule=data)
+    after = mean_loss(module, batches)
+    assert after < 0.85 * before, (before, after)
+    assert {"train/loss", "train/acceptance_length", "train/acc_0", "val/loss", "val/acceptance_length"} <= set(
+        t.callback_metrics
+    )
+
+    path = tmp_path / "eagle3.ckpt"
+    t.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert not any("embed_tokens" in k or "teacher_head" in k for k in ckpt["state_dict"])
+    assert ckpt["eagle3"]["feature_context"]["target_dir"] == context.target_dir
+
+    restored = Eagle3Module.load_from_checkpoint(path)  # no datamodule, no build()
+    assert restored.hparams.ttt_length == 3
+    for (k, a), (k2, b) in zip(module.state_dict().items(), restored.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    assert torch.equal(restored.teacher_head, module.teacher_head)
+    assert torch.equal(restored.draft.embed_tokens.weight, module.draft.embed_tokens.weight)
+    out_a, out_b = module.compute_loss(batches[0]), restored.compute_loss(batches[0])
+    assert torch.equal(out_a.loss, out_b.loss) and torch.equal(out_a.correct, out_b.correct)
+
+    # Resuming a fit: setup() builds from the datamodule, on_load_checkpoint only checks the config.
+    resumed = Eagle3Module(ttt_length=3, lr=1e-2, warmup_ratio=0.1)
+    t2 = trainer(max_steps=22, limit_val_batches=0)
+    t2.fit(resumed, datamodule=data, ckpt_path=path)
+    assert t2.global_step == 22
+
+
+def test_validate_logs_count_based_acceptance(target):
+    _, context, batches = target
+    module = Eagle3Module(ttt_length=3)
+    module.build(context)
+    correct = sum(module.compute_loss(b).correct for b in batches)
+    total = sum(module.compute_loss(b).total for b in batches)
+    acc = (correct.double() / total.double()).tolist()
+    [metrics] = trainer().validate(module, datamodule=ListData(context, batches), verbose=False)
+    assert metrics["val/acceptance_length"] == pytest.approx(simulated_acceptance_length(acc), rel=1e-6)
+    assert metrics["val/acc_2"] == pytest.approx(acc[2], rel=1e-6)
+
+
+def test_smart_init_sets_expected_tensors(target):
+    model, context, _ = target
+    module = Eagle3Module(init_lm_head=True, init_norm=True, init_fc=True, init_midlayer=True, init_layer=-1)
+    module.build(context)
+    d, sd = module.draft, model.state_dict()
+    target_ids = torch.arange(VD) + d.d2t
+    assert torch.equal(d.lm_head.weight, sd["lm_head.weight"][target_ids])
+    assert torch.equal(d.norm.weight, sd["model.norm.weight"])
+    assert torch.equal(d.fc.weight[:, 2 * H :], torch.eye(H)) and not d.fc.weight[:, : 2 * H].any()
+    last = f"model.layers.{LAYERS - 1}."
+    assert torch.equal(d.midlayer.self_attn.v_proj.weight[:, H:], sd[last + "self_attn.v_proj.weight"])
+    assert torch.equal(d.midlayer.mlp.gate_proj.weight, sd[last + "mlp.gate_proj.weight"])
+    assert torch.equal(d.embed_tokens.weight, sd["model.embed_tokens.weight"])
+    assert torch.equal(module.teacher_head, sd["lm_head.weight"])
+    plain = Eagle3Module()
+    plain.build(context)
+    assert not torch.equal(plain.draft.lm_head.weight, sd["lm_head.weight"][target_ids])
+
+
+def test_teacher_is_the_target_next_token_distribution(target):
+    """The teacher at t is the target's own prediction at t+1 (logits of the saved LlamaForCausalLM)."""
+    model, context, batches = target
+    module = Eagle3Module(ttt_length=1)
+    module.build(context)
+    b = batches[0].tensors
+    mask = effective_loss_mask(b["loss_mask"], b["attention_mask"])
+    teacher = compute_teacher(b["last_hidden_state"], module.teacher_head, module.draft.t2d, mask, chunk_size=5)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    expect = shift_left(logits.argmax(-1), 1)
+    assert torch.equal(teacher.target_ids * mask, expect * mask)
+
+
+def test_draft_step_matches_ttt_step0_through_the_module(target):
+    _, context, batches = target
+    module = Eagle3Module(ttt_length=2)
+    module.build(context)
+    b = batches[1].tensors
+    ids, aux = b["input_ids"][:1], b["aux_hidden_states"][:1]
+    with torch.no_grad():
+        [(logits0, hidden0), _] = module.draft.ttt_forward(ids, aux, length=2)
+    logits, hidden, cache = module.draft.draft_step(shift_left(ids, 1), aux, torch.arange(ids.shape[1])[None])
+    torch.testing.assert_close(logits, logits0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden, hidden0, atol=1e-5, rtol=1e-5)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert warmup_cosine(0, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 0.1) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 0.1, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(32, 64, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
