@@ -107,7 +107,9 @@ def _name_candidates(name: str) -> tuple[str, ...]:
     return (name, bare, "model." + bare, "model.language_model." + bare, "language_model.model." + bare)
 
 
-def load_target_tensors(target_dir: str | Path, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def load_target_tensors(
+    target_dir: str | Path, names: Iterable[str], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """Read only ``names`` from the target's (possibly sharded) safetensors files.
 
     Names are looked up with and without the ``model.`` prefix; a name that is

@@ -165,11 +165,18 @@ class FeatureDataModule(L.LightningDataModule):
             strategy=spec.name if spec else "",
         )
 
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        """Resume the train loader at ``state`` (a rank-keyed ``FeatureDataLoader.state_dict``) on its next creation."""
+        self._pending_state = state
+
     def train_dataloader(self) -> FeatureDataLoader:
         self._train_loader = self.make_loader("train", batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True)
         if self._pending_state is not None:
             self._train_loader.load_state_dict(self._pending_state)
             self._pending_state = None
+        elif getattr(self, "trainer", None) is not None:
+            # Lightning never calls set_epoch on this loader; a reloaded loader must not restart at epoch 0.
+            self._train_loader.set_epoch(self.trainer.current_epoch)
         return self._train_loader
 
     def val_dataloader(self) -> FeatureDataLoader | list:

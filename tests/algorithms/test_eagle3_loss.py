@@ -102,10 +102,8 @@ def naive_draft(draft: Eagle3Draft, ids, aux, attn, K):
         for k in range(K):
             ids_k = torch.tensor([int(ids[b, t + 1 + k]) if t + 1 + k < S else 0 for t in range(S)])
             emb = E[ids_k]
-            x = torch.cat(
-                [naive_rms(emb, P["midlayer.input_layernorm.weight"]), naive_rms(hidden, P["midlayer.hidden_norm.weight"])],
-                -1,
-            )
+            x_emb = naive_rms(emb, P["midlayer.input_layernorm.weight"])
+            x = torch.cat([x_emb, naive_rms(hidden, P["midlayer.hidden_norm.weight"])], -1)
             q = (x @ P["midlayer.self_attn.q_proj.weight"].T).view(S, nh, d)
             kk = (x @ P["midlayer.self_attn.k_proj.weight"].T).view(S, nkv, d)
             vv = (x @ P["midlayer.self_attn.v_proj.weight"].T).view(S, nkv, d)
@@ -182,15 +180,22 @@ def naive_loss(step_logits, head, batch, t2d, d2t, decay=0.8, normalize="positio
 # --------------------------------------------------------------------------- tests
 
 
-def fast_loss(draft, head, batch, K, normalize="positions"):
+def fast_loss(draft, head, batch, K, normalize="positions", sparse=False):
+    """``sparse``: the production path, logits only at scored rows (hidden states + head)."""
     mask = effective_loss_mask(batch["loss_mask"], batch["attention_mask"])
     teacher = compute_teacher(batch["last_hidden_state"], head, draft.t2d, mask)
-    steps = draft.ttt_forward(batch["input_ids"], batch["aux_hidden_states"], batch["attention_mask"], K)
+    steps = draft.ttt_forward(
+        batch["input_ids"], batch["aux_hidden_states"], batch["attention_mask"], K, with_logits=not sparse
+    )
+    if sparse:
+        hidden = [h for _, h in steps]
+        return eagle3_loss(hidden, teacher, draft.d2t, normalize=normalize, head=draft.compute_logits), teacher
     return eagle3_loss([lg for lg, _ in steps], teacher, draft.d2t, normalize=normalize), teacher
 
 
+@pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("K", [3, 7])
-def test_loss_and_grads_match_naive_reference(K):
+def test_loss_and_grads_match_naive_reference(K, sparse):
     draft, head, batch = make_case(seed=K)
     grads = {}
     naive = naive_draft(draft, batch["input_ids"], batch["aux_hidden_states"], batch["attention_mask"], K)
@@ -200,7 +205,7 @@ def test_loss_and_grads_match_naive_reference(K):
         grads[n] = p.grad.clone()
         p.grad = None
 
-    out, teacher = fast_loss(draft, head, batch, K)
+    out, teacher = fast_loss(draft, head, batch, K, sparse=sparse)
     out.loss.backward()
     # The case really exercises out-of-draft-vocab teachers and masked positions.
     in_vocab = draft.t2d[tgt][lm.bool()]

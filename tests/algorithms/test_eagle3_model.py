@@ -76,7 +76,9 @@ def test_config_from_target_both_rope_layouts_and_roundtrip():
     ],
 )
 def test_rope_matches_transformers(rope):
-    hf = LlamaConfig(hidden_size=64, num_attention_heads=2, head_dim=32, max_position_embeddings=512, rope_parameters=rope)
+    hf = LlamaConfig(
+        hidden_size=64, num_attention_heads=2, head_dim=32, max_position_embeddings=512, rope_parameters=rope
+    )
     c = Eagle3Config.from_target_config(hf.to_dict(), 10, (0, 1, 2))
     pos = torch.tensor([[0, 3, 17, 63, 64, 200, 511]])
     ref_cos, ref_sin = LlamaRotaryEmbedding(hf)(torch.zeros(1, dtype=torch.float32), pos)
@@ -163,7 +165,8 @@ def test_init_from_target_each_part():
     assert torch.equal(draft.midlayer.post_attention_layernorm.weight, sd[L + "post_attention_layernorm.weight"])
 
     # Tied targets take the head from the embedding; emb-half columns can be kept small instead of zero.
-    tied = {"model.embed_tokens.weight": sd["lm_head.weight"] * 2, **{k: v for k, v in sd.items() if k != "lm_head.weight"}}
+    tied = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    tied["model.embed_tokens.weight"] = sd["lm_head.weight"] * 2
     draft2 = Eagle3Draft(c)
     draft2.set_vocab_mapping(draft.d2t, draft.t2d)
     emb_half = draft2.midlayer.self_attn.k_proj.weight[:, :H].clone()

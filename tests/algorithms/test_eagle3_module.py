@@ -56,10 +56,11 @@ def capture(model: LlamaForCausalLM, seed: int, B: int = 2, S: int = 12) -> Trai
         attn[b, :n] = 1
     ids = torch.randint(0, V, (B, S), generator=g) * attn
     outs = {}
-    hooks = [
-        model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-        for i in AUX
-    ]
+
+    def keep(i: int):
+        return lambda module, args, out: outs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+
+    hooks = [model.model.layers[i].register_forward_hook(keep(i)) for i in AUX]
     with torch.no_grad():
         last = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
     for h in hooks:

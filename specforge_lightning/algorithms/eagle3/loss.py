@@ -7,7 +7,7 @@ TTT step k is scored at position t against the teacher at t+k.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,8 +23,8 @@ Normalize = Literal["positions", "tokens"]
 class Eagle3Teacher:
     """Per-position teacher quantities, already shifted so that row t holds the target at t+1."""
 
-    target_ids: torch.Tensor  # (B, S) int64, argmax over the full target vocab
-    target_p: torch.Tensor  # (B, S, Vd) fp32, softmax renormalised over the draft vocab
+    target_ids: torch.Tensor  # (B, S) int64, argmax over the full target vocab (0 where unsupervised)
+    target_p: torch.Tensor  # (B, S, Vd) fp32, softmax renormalised over the draft vocab (0 where unsupervised)
     position_mask: torch.Tensor  # (B, S) fp32, t2d[target_ids] * loss_mask
     loss_mask: torch.Tensor  # (B, S) int64, the effective loss mask (see effective_loss_mask)
 
@@ -75,29 +75,40 @@ def compute_teacher(
     rows whose full-vocab logits exist at once.
     """
     B, S, H = last_hidden.shape
-    rows = shift_left(last_hidden, 1).reshape(B * S, H)
+    # Only supervised positions need a teacher: prompts and padding are skipped.
+    rows = loss_mask.reshape(-1).nonzero().squeeze(-1)
+    hidden = shift_left(last_hidden, 1).reshape(B * S, H).index_select(0, rows)
     draft_rows = torch.nonzero(t2d.to(head_weight.device)).flatten()
     ids, probs = [], []
     with torch.autocast(device_type=last_hidden.device.type, enabled=False):
-        for chunk in rows.split(chunk_size or rows.shape[0]):
+        for chunk in hidden.split(chunk_size or max(1, hidden.shape[0])):
             logits = F.linear(chunk.to(head_weight.dtype), head_weight).float()
             ids.append(logits.argmax(-1))
             probs.append(logits.index_select(-1, draft_rows).softmax(-1))
-    target_ids = torch.cat(ids).view(B, S)
-    target_p = torch.cat(probs).view(B, S, -1)
+    target_ids = torch.zeros(B * S, dtype=torch.long, device=last_hidden.device)
+    target_p = torch.zeros(B * S, len(draft_rows), dtype=torch.float32, device=last_hidden.device)
+    if rows.numel():
+        target_ids[rows] = torch.cat(ids)
+        target_p[rows] = torch.cat(probs)
+    target_ids, target_p = target_ids.view(B, S), target_p.view(B, S, -1)
     position_mask = t2d[target_ids].float() * loss_mask.float()
     return Eagle3Teacher(target_ids, target_p, position_mask, loss_mask.long())
 
 
 def eagle3_loss(
-    step_logits: Sequence[torch.Tensor],
+    step_outputs: Sequence[torch.Tensor],
     teacher: Eagle3Teacher,
     d2t: torch.Tensor,
     decay: float = 0.8,
     normalize: Normalize = "positions",
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Eagle3LossOutput:
     """``L = Σ_k decay^k · ploss_k`` with ``ploss_k = -Σ_t m_{t+k} Σ_v p_{t+k,v} log q_{k,t,v} / N``.
 
+    ``step_outputs`` are per-step logits (B,S,Vd), or per-step hidden states
+    (B,S,H) when ``head`` maps hidden rows to logits: then logits are computed
+    only at the positions step k scores, which skips prompts and padding (the
+    bulk of the lm_head and softmax work) and gives the same loss.
     ``normalize="positions"`` (upstream): N = B·S, every padded position counted.
     ``normalize="tokens"``: N = the number of positions step k supervises
     (Σ position_mask, at least 1), a per-token mean that does not depend on padding.
@@ -109,17 +120,23 @@ def eagle3_loss(
         raise ValueError(f"normalize must be 'positions' or 'tokens', got {normalize!r}")
     B, S = teacher.target_ids.shape
     plosses, correct, total = [], [], []
-    for k, logits in enumerate(step_logits):
+    for k, out in enumerate(step_outputs):
         n = S - k
-        logp = F.log_softmax(logits[:, :n].float(), dim=-1)
-        pm = teacher.position_mask[:, k:]
-        nll = -(pm * (teacher.target_p[:, k:] * logp).sum(-1)).sum()
+        lm = teacher.loss_mask[:, k:]
+        # Rows step k scores: a superset of position_mask (out-of-vocab teachers still count as misses).
+        rows = lm.reshape(-1).nonzero().squeeze(-1)
+        x = out[:, :n].reshape(B * n, -1).index_select(0, rows)
+        logits = head(x) if head is not None else x
+        logp = F.log_softmax(logits.float(), dim=-1)
+        pm = teacher.position_mask[:, k:].reshape(-1).index_select(0, rows)
+        p = teacher.target_p[:, k:].reshape(B * n, -1).index_select(0, rows)
+        nll = -(pm * (p * logp).sum(-1)).sum()
         denom = B * S if normalize == "positions" else pm.sum().clamp_min(1.0)
         plosses.append(nll / denom)
         with torch.no_grad():
-            pred = logits[:, :n].argmax(-1)
-            lm = teacher.loss_mask[:, k:]
-            correct.append(((pred + d2t[pred] == teacher.target_ids[:, k:]).long() * lm).sum())
+            pred = logits.argmax(-1)
+            want = teacher.target_ids[:, k:].reshape(-1).index_select(0, rows)
+            correct.append((pred + d2t[pred] == want).long().sum())
             total.append(lm.sum())
     ploss = torch.stack(plosses)
     weights = decay ** torch.arange(len(plosses), dtype=ploss.dtype, device=ploss.device)

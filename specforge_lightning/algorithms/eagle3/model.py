@@ -216,6 +216,7 @@ class Eagle3Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_kv, g, self.head_dim).permute(0, 2, 3, 1, 4)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q is bf16 while cos is fp32
         q = apply_rope(q, cos[:, None, None], sin[:, None, None])
         k = apply_rope(k, cos[:, None], sin[:, None])
         out = attend(q, k, v)  # (B, kv, g, T, d)
@@ -277,7 +278,6 @@ class Eagle3Draft(nn.Module):
         # Default mapping: the draft vocab is the first Vd target ids.
         self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.arange(c.vocab_size) < c.draft_vocab_size)
-        self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -307,6 +307,11 @@ class Eagle3Draft(nn.Module):
         """``fc`` over the concatenated captured target layers (3·H_t → H)."""
         return self.fc(aux_hidden.to(self.fc.weight.dtype))
 
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Frequencies are recomputed (d/2 numbers), not a buffer that precision plugins would cast to bf16.
+        c = self.config
+        return rope_cos_sin(position_ids, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), dtype)
+
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids).to(self.fc.weight.dtype)
 
@@ -319,8 +324,12 @@ class Eagle3Draft(nn.Module):
         attention_mask: torch.Tensor | None = None,
         length: int = 7,
         position_ids: torch.Tensor | None = None,
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        with_logits: bool = True,
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
         """Unroll ``length`` TTT steps; returns ``[(logits_k (B,S,Vd), hidden_k (B,S,H))]``.
+
+        ``with_logits=False`` leaves the logits as None, for a loss that applies
+        ``compute_logits`` to the scored positions only.
 
         ``input_ids`` are the batch's raw ids (x_t at t): step k feeds x_{t+1+k} at
         position t (shift 1+k, zero-padded), next to hidden ``fc(aux)_t`` (k=0) or
@@ -339,9 +348,9 @@ class Eagle3Draft(nn.Module):
         outputs = []
         for k in range(length):
             emb = self._embed(shift_left(input_ids, 1 + k))
-            cos, sin = rope_cos_sin(position_ids + k, self.inv_freq, hidden.dtype)
+            cos, sin = self._rope(position_ids + k, hidden.dtype)
             hidden = self.midlayer(emb, hidden, cos, sin, attend)
-            outputs.append((self.compute_logits(hidden), hidden))
+            outputs.append((self.compute_logits(hidden) if with_logits else None, hidden))
         return outputs
 
     # ---- inference
@@ -368,8 +377,10 @@ class Eagle3Draft(nn.Module):
           ``position_ids`` one more than that slot's previous position.
 
         A hidden of width 3·H_t is treated as aux, a width of H as a draft hidden.
-        Queries attend to every cached key plus the new keys causally; after a
-        verification rejects tokens, ``cache.truncate(n_kept)``. Returns
+        Queries attend to every cached key plus the new keys causally. Chain steps
+        append keys too: before feeding the next verified positions, call
+        ``cache.truncate(n)`` with n = the number of slots built from target hiddens
+        (the verified prefix), which drops every drafted slot. Returns
         ``(draft_logits (B,T,Vd), hidden_out (B,T,H), cache)``; map a sampled draft id
         with ``to_target_ids``.
         """
@@ -387,7 +398,7 @@ class Eagle3Draft(nn.Module):
             allowed = torch.arange(keys.shape[-2], device=q.device)[None, :] <= rows[:, None]
             return _attend(q, keys, values, allowed.expand(q.shape[0], T, -1))
 
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, hidden.dtype)
+        cos, sin = self._rope(position_ids, hidden.dtype)
         out = self.midlayer(self._embed(input_ids), hidden, cos, sin, attend)
         return self.compute_logits(out), out, cache
 
@@ -460,7 +471,8 @@ class Eagle3Draft(nn.Module):
             attn, mid = self.midlayer.self_attn, self.midlayer
             for proj in ("q_proj", "k_proj", "v_proj"):
                 mod = getattr(attn, proj)
-                w = torch.cat([mod.weight[:, :H] * emb_half_scale, sd[p + f"self_attn.{proj}.weight"].to(mod.weight)], 1)
+                hidden_half = sd[p + f"self_attn.{proj}.weight"].to(mod.weight)
+                w = torch.cat([mod.weight[:, :H] * emb_half_scale, hidden_half], dim=1)
                 put(mod.weight, f"midlayer.self_attn.{proj}.weight", w)
             put(attn.o_proj.weight, "midlayer.self_attn.o_proj.weight", sd[p + "self_attn.o_proj.weight"])
             for proj in ("gate_proj", "up_proj", "down_proj"):

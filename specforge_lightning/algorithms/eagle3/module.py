@@ -97,6 +97,10 @@ class Eagle3Module(L.LightningModule):
         init_emb_half_scale: float = 0.0,
     ) -> None:
         super().__init__()
+        if loss_normalize not in ("positions", "tokens"):
+            raise ValueError(f"loss_normalize must be 'positions' or 'tokens', got {loss_normalize!r}")
+        if ttt_length < 1:
+            raise ValueError(f"ttt_length must be >= 1, got {ttt_length}")
         self.save_hyperparameters()
         self.draft: Eagle3Draft | None = None
         self.draft_config: Eagle3Config | None = None
@@ -149,6 +153,8 @@ class Eagle3Module(L.LightningModule):
             )
         self.teacher_head = tensors[head_name].to(self.device)
         self.draft = draft.to(self.device)
+        # The frozen tensors are identical on every rank: keep DDP from re-broadcasting them each step.
+        self._ddp_params_and_buffers_to_ignore = ["teacher_head", "draft.embed_tokens.weight"]
         self.draft_config, self.context = config, context
 
     def setup(self, stage: str) -> None:
@@ -190,13 +196,16 @@ class Eagle3Module(L.LightningModule):
         teacher = compute_teacher(
             t["last_hidden_state"], self.teacher_head, self.draft.t2d, mask, self.hparams.teacher_chunk_size
         )
-        steps = self.draft.ttt_forward(input_ids, t["aux_hidden_states"], attention_mask, self.hparams.ttt_length)
+        steps = self.draft.ttt_forward(
+            input_ids, t["aux_hidden_states"], attention_mask, self.hparams.ttt_length, with_logits=False
+        )
         return eagle3_loss(
-            [logits for logits, _ in steps],
+            [hidden for _, hidden in steps],
             teacher,
             self.draft.d2t,
             decay=self.hparams.loss_decay,
             normalize=self.hparams.loss_normalize,
+            head=self.draft.compute_logits,
         )
 
     def forward(self, batch: Any) -> Eagle3LossOutput:

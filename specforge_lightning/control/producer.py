@@ -1,0 +1,228 @@
+"""The producer's control plane: stream announcement, publish order, progress and resume.
+
+Metadata only, standard library only: this module never sees a tensor. The
+capture side (``target/producer.py``) puts a sample into a FeatureStore and
+hands the resulting SampleRef to :class:`Publisher`, which publishes it to the
+ledger and records how far the producer got. Put-then-publish is the rule that
+makes a killed producer harmless: a ref exists only for a sample already whole
+in the store.
+
+Files next to the ledger (one stream per folder)::
+
+    ledger.sqlite              the ledger (SqliteLedger)
+    stream_manifest.json       what the stream carries (identity fields as prepare's manifest)
+    vocab_mapping.safetensors  d2t / t2d of the draft vocabulary
+    producer_progress.json     next task position and published count, for restarts
+    producer.lock              held while a producer runs (one producer per ledger)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specforge_lightning.contracts import SampleRef
+from specforge_lightning.control.ledger import Backpressure, Ledger
+
+log = logging.getLogger(__name__)
+
+STREAM_MANIFEST = "stream_manifest.json"
+STREAM_VOCAB = "vocab_mapping.safetensors"
+PROGRESS = "producer_progress.json"
+LOCK = "producer.lock"
+STREAM_FORMAT = "specforge-stream"
+
+
+def stream_file(ledger_path: str | Path, name: str) -> Path:
+    """A stream side file: it lives in the ledger's folder."""
+    return Path(ledger_path).resolve().parent / name
+
+
+def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_stream_manifest(ledger_path: str | Path, manifest: Mapping[str, Any], identity_fields: Sequence[str]) -> Path:
+    """Announce the stream. A restarted producer must announce the same identity; a different one is refused."""
+    path = stream_file(ledger_path, STREAM_MANIFEST)
+    existing = read_stream_manifest(ledger_path)
+    if existing is not None:
+        for name in identity_fields:
+            if existing.get(name) != manifest.get(name):
+                raise ValueError(
+                    f"{path} announces a different stream ({name}: {existing.get(name)!r} there, "
+                    f"{manifest.get(name)!r} now); use a fresh ledger folder for a different stream"
+                )
+    _write_json_atomic(path, {**manifest, "format": STREAM_FORMAT})
+    return path
+
+
+def read_stream_manifest(ledger_path: str | Path) -> dict[str, Any] | None:
+    path = stream_file(ledger_path, STREAM_MANIFEST)
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != STREAM_FORMAT:
+        raise ValueError(f"{path} is not a stream manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def wait_stream_manifest(ledger_path: str | Path, timeout_s: float, poll_s: float = 0.2) -> dict[str, Any]:
+    """The stream manifest, waiting up to ``timeout_s`` for a producer that has not announced it yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        manifest = read_stream_manifest(ledger_path)
+        if manifest is not None:
+            return manifest
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"no {STREAM_MANIFEST} next to {ledger_path} after {timeout_s:.0f} s: "
+                "start the producer (python -m specforge_lightning produce --config ...) or check the path"
+            )
+        time.sleep(poll_s)
+
+
+@contextmanager
+def producer_lock(ledger_path: str | Path) -> Iterator[None]:
+    """Hold ``producer.lock``: a second producer on the same ledger fails at once instead of interleaving."""
+    path = stream_file(ledger_path, LOCK)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another producer is running on {ledger_path} (it holds {path})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a (re)started producer continues.
+
+    ``next_index``: the first task position not yet handled. ``already_published``:
+    how many of the next publishable samples the ledger holds although the
+    progress file does not say so (the producer died between publish and
+    progress write): they are skipped, not put again. ``check_orphan``: the
+    next sample may have been put without being published; abort it first.
+    """
+
+    next_index: int
+    published: int
+    already_published: int
+    check_orphan: bool
+
+
+class ProducerProgress:
+    """``producer_progress.json``: written after every publish, read on restart."""
+
+    def __init__(self, ledger_path: str | Path) -> None:
+        self.path = stream_file(ledger_path, PROGRESS)
+
+    def read(self) -> dict[str, int] | None:
+        if not self.path.exists():
+            return None
+        d = json.loads(self.path.read_text())
+        return {"next_index": int(d["next_index"]), "published": int(d["published"])}
+
+    def write(self, next_index: int, published: int) -> None:
+        _write_json_atomic(self.path, {"next_index": next_index, "published": published})
+
+    def resume(self, published_in_ledger: int) -> ResumePoint:
+        """Reconcile the progress file with the ledger (the source of truth for what was published)."""
+        saved = self.read() or {"next_index": 0, "published": 0}
+        extra = published_in_ledger - saved["published"]
+        if extra not in (0, 1):
+            raise RuntimeError(
+                f"the ledger holds {published_in_ledger} refs but {self.path} says {saved['published']} were "
+                "published; this ledger was written by another producer or the progress file is stale"
+            )
+        fresh = published_in_ledger == 0 and saved["next_index"] == 0
+        return ResumePoint(saved["next_index"], published_in_ledger, extra, check_orphan=not fresh)
+
+
+class Publisher:
+    """Publishes refs in order, one per ledger transaction, with backpressure and progress.
+
+    ``wait()`` blocks while the ledger's queue is above the high watermark (until it
+    drops below the low one); ``publish(ref, next_index)`` makes a ref visible and
+    then records the position. Counters feed the producer's log line.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        progress: ProducerProgress,
+        *,
+        high_watermark: int,
+        low_watermark: int,
+        published: int = 0,
+        log_every_s: float = 10.0,
+    ) -> None:
+        self.ledger = ledger
+        self.progress = progress
+        self.backpressure = Backpressure(ledger, high_watermark, low_watermark, poll_s=0.05)
+        self.published = published
+        self.published_now = 0
+        self.paused_s = 0.0
+        self.log_every_s = log_every_s
+        self._started = time.monotonic()
+        self._last_log = self._started
+
+    def wait(self, should_stop: Any = None) -> None:
+        """Block while paused; ``should_stop()`` (optional) aborts the wait with InterruptedError."""
+        t0 = time.monotonic()
+        while not self.backpressure.wait_below(timeout=0.5):
+            if should_stop is not None and should_stop():
+                raise InterruptedError("producer stopped while paused by backpressure")
+        self.paused_s += time.monotonic() - t0
+
+    def publish(self, ref: SampleRef, next_index: int) -> None:
+        self.ledger.publish([ref])
+        self.published += 1
+        self.published_now += 1
+        self.progress.write(next_index, self.published)
+        now = time.monotonic()
+        if now - self._last_log >= self.log_every_s:
+            self._last_log = now
+            log.info("%s", self.summary_line())
+
+    def skip(self, next_index: int) -> None:
+        """Record a position that produced nothing (a sample dropped by the capture side)."""
+        self.progress.write(next_index, self.published)
+
+    def samples_per_s(self) -> float:
+        elapsed = time.monotonic() - self._started
+        return self.published_now / elapsed if elapsed > 0 else 0.0
+
+    def summary_line(self) -> str:
+        return (
+            f"published {self.published} refs ({self.samples_per_s():.2f} samples/s this run), "
+            f"queue depth {self.ledger.depth()}, paused {self.paused_s:.1f} s by backpressure"
+        )
+
+    def finish(self) -> None:
+        self.ledger.mark_done()
+
+    def wait_drained(self, poll_s: float = 0.2, timeout_s: float | None = None) -> bool:
+        """Block until nothing is queued or leased (every ref acked or failed); False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            counts = self.ledger.counts()
+            if counts["queued"] == 0 and counts["leased"] == 0:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)

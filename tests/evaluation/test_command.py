@@ -1,0 +1,119 @@
+"""``python -m specforge_lightning evaluate``: JSON keys, the PNG, held-out prompts, prompt files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from specforge_lightning import cli
+from specforge_lightning.data.corpus import load_conversations
+from specforge_lightning.evaluation.command import first_user_turn, held_out_skip, read_prompt_file
+from tests.export.test_export import make_checkpoint
+
+FIT_CONFIG = {
+    "trainer": {"max_steps": 1},
+    "model": {"class_path": "specforge_lightning.algorithms.eagle3.Eagle3Module", "init_args": {"ttt_length": 2}},
+    "data": {
+        "class_path": "specforge_lightning.data.datamodule.FeatureDataModule",
+        "init_args": {
+            "prepare": {"target": "tiny-llama", "corpus": "sharegpt", "num_samples": 24, "num_val_samples": 4,
+                        "skip_samples": 2, "max_length": 64, "draft_vocab_size": 128},
+        },
+    },
+}
+KEYS = {
+    "acceptance_length", "simulated_acceptance_length", "per_position_acceptance", "per_position_definition",
+    "speedup", "settings", "target_tokens_per_s", "speculative_tokens_per_s", "per_prompt", "teacher_forced_accuracy",
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    ckpt, _ = make_checkpoint(root)
+    config = root / "fit.yaml"
+    config.write_text(yaml.safe_dump(FIT_CONFIG))
+    return ckpt, config
+
+
+def run(config: Path, ckpt: Path | str, out: Path, *extra: str) -> dict:
+    cli.main(["evaluate", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(out),
+              "--max_new_tokens", "8", "--k", "3", "--dtype", "float32", "--threads", "1", "--device", "cpu", *extra])
+    return json.loads(out.read_text())
+
+
+def test_evaluate_on_held_out_prompts_writes_json_and_png(setup, tmp_path, capsys):
+    ckpt, config = setup
+    res = run(config, ckpt, tmp_path / "al.json", "--num_prompts", "2")
+    assert KEYS <= set(res)
+    assert res["num_prompts"] == 2 and res["identical_outputs"] == 2
+    assert len(res["per_position_acceptance"]) == 3 and len(res["per_prompt"]) == 2
+    assert res["acceptance_length"] >= 1.0 and res["simulated_acceptance_length"] >= 1.0
+    s = res["settings"]
+    assert (s["num_draft_tokens"], s["temperature"], s["max_new_tokens"], s["dtype"], s["threads"]) == (
+        3, 0.0, 8, "float32", 1)
+    assert len(s["chat_template_hash"]) == 64 and "held-out" in s["prompts"] and "from index 38" in s["prompts"]
+    assert res["draft"]["aux_layer_ids"] == [1, 3, 4] and res["draft"]["kind"] == "checkpoint"
+    png = tmp_path / "al.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "acceptance length: measured" in printed and "speedup" in printed
+
+
+def test_evaluate_prompt_file_and_exported_folder_agree(setup, tmp_path):
+    ckpt, config = setup
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "What is speculative decoding?"}) + "\n\n"
+        + json.dumps({"conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello!"}]})
+        + "\n"
+    )
+    a = run(config, ckpt, tmp_path / "a.json", "--prompts", str(prompts))
+    folder = tmp_path / "hf"
+    cli.main(["export", "--ckpt_path", str(ckpt), "--format", "hf", "--output_dir", str(folder)])
+    b = run(config, folder, tmp_path / "b.json", "--prompts", str(prompts))
+    assert a["num_prompts"] == b["num_prompts"] == 2 and b["draft"]["kind"] == "hf"
+    assert [p["output_ids"] for p in a["per_prompt"]] == [p["output_ids"] for p in b["per_prompt"]]
+    assert a["per_position_counts"] == b["per_position_counts"]
+    assert a["simulated_acceptance_length"] == b["simulated_acceptance_length"]
+    assert str(prompts) in a["settings"]["prompts"]
+
+
+def test_evaluate_refuses_a_foreign_checkpoint(setup, tmp_path):
+    _, config = setup
+    bad = tmp_path / "foreign.ckpt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as err:
+        run(config, bad, tmp_path / "x.json")
+    assert str(bad) in str(err.value.code)
+
+
+def test_held_out_prompts_start_after_everything_prepare_could_read():
+    # prepare reads total + max(8, total // 10) conversations from skip_samples.
+    assert held_out_skip({"num_samples": 24, "num_val_samples": 4, "skip_samples": 2}) == 2 + 28 + 8
+    assert held_out_skip({"num_samples": 200, "num_val_samples": 20}) == 220 + 22
+    skip = held_out_skip({"num_samples": 3, "num_val_samples": 1})
+    used = load_conversations("sharegpt", limit=4 + 8, skip=0)
+    held = load_conversations("sharegpt", limit=2, skip=skip)
+    assert held[0] == load_conversations("sharegpt", limit=13, skip=0)[12] and held[0] not in used
+
+
+def test_prompt_file_formats(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join([
+        json.dumps({"prompt": "hi"}),
+        json.dumps({"conversations": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+                                      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}),
+    ]))
+    assert read_prompt_file(f) == [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"}],
+    ]
+    f.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no"}) + "\n")
+    with pytest.raises(ValueError, match=f"{f}:2"):
+        read_prompt_file(f)
+    with pytest.raises(ValueError, match="no user message"):
+        first_user_turn([{"role": "system", "content": "x"}])
