@@ -5,6 +5,7 @@
     python -m specforge_lightning show-mask --target smollm2-135m-instruct --index 0
     python -m specforge_lightning evaluate --config configs/eagle3.yaml --ckpt_path ... --output al.json
     python -m specforge_lightning export --ckpt_path ... --format sglang --output_dir ...
+    python -m specforge_lightning produce --config configs/eagle3-tiny-stream.yaml
 """
 
 from __future__ import annotations
@@ -22,17 +23,48 @@ def _quiet_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_lightning(args: Sequence[str]) -> None:
-    import lightning as L
+def _cli_class():
+    """LightningCLI with our always-on callbacks and an honest ``--ckpt_path``.
+
+    Stock LightningCLI merges a checkpoint's hyperparameters OVER the command
+    line when ``--ckpt_path`` names a file, and opens that file with a bare
+    ``torch.load``. Here the configuration given now wins for everything;
+    ``ResumeState`` refuses a resume whose loss options, batch size,
+    accumulation, world size or features changed, naming each difference, and
+    checks the file before anything is restored.
+    """
     from lightning.pytorch.cli import LightningCLI
 
-    from specforge_lightning.data.datamodule import FeatureDataModule
+    from specforge_lightning.callbacks import GracefulPreemption, ResumeState, SpecForgeCheckpoint, find_best_checkpoint
+
+    class SpecForgeCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_lightning_class_args(SpecForgeCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(ResumeState, "resume")
+            parser.add_lightning_class_args(GracefulPreemption, "preemption")
+
+        def _parse_ckpt_path(self) -> None:
+            if not self.config.get("subcommand"):
+                return
+            cfg = self.config[self.config.subcommand]
+            if cfg.get("ckpt_path") == "best":
+                root = cfg.get("trainer", {}).get("default_root_dir") or "."
+                best = find_best_checkpoint(os.path.join(root, "checkpoints"))
+                if best is None:
+                    raise SystemExit(f"--ckpt_path best: no best checkpoint under {root}/checkpoints")
+                cfg["ckpt_path"] = best
+
+    return SpecForgeCLI
+
+
+def run_lightning(args: Sequence[str]) -> None:
+    import lightning as L
 
     # LightningCLI reads sys.argv when ``args`` is None; hand it ours explicitly and keep argv clean.
     sys.argv = sys.argv[:1]
-    LightningCLI(
+    _cli_class()(
         L.LightningModule,
-        FeatureDataModule,
+        L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
@@ -125,6 +157,7 @@ def _lazy(module: str, name: str) -> Callable[[Sequence[str]], None]:
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "prepare": cmd_prepare,
     "show-mask": cmd_show_mask,
+    "produce": _lazy("specforge_lightning.target.producer", "main"),
     "evaluate": _lazy("specforge_lightning.evaluation.command", "main"),
     "export": _lazy("specforge_lightning.export.command", "main"),
 }
@@ -139,9 +172,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("commands:", ", ".join(commands))
         raise SystemExit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
-    if command in LIGHTNING_COMMANDS:
-        run_lightning([command, *rest])
-    elif command in COMMANDS:
-        COMMANDS[command](rest)
-    else:
+    if command not in commands:
         raise SystemExit(f"unknown command {command!r}; choose one of: {', '.join(commands)}")
+    from specforge_lightning.callbacks import CheckpointError, ResumeMismatchError
+
+    try:
+        run_lightning([command, *rest]) if command in LIGHTNING_COMMANDS else COMMANDS[command](rest)
+    except (CheckpointError, ResumeMismatchError) as e:
+        # Refusals are answers, not crashes: print the reason without a traceback.
+        raise SystemExit(f"error: {e}") from None

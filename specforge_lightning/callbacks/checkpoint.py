@@ -226,7 +226,8 @@ class SpecForgeCheckpoint(ModelCheckpoint):
     cadence saves is saved on demand. Whenever fit stops (``max_steps``, end of
     data, ``trainer.should_stop`` from preemption or early stopping) a final
     checkpoint is written and becomes ``last``. ``fit(ckpt_path="last")`` finds
-    it (Lightning asks this callback), and ``"best"`` uses the durable record.
+    it (Lightning asks this callback, before setup); ``"best"`` uses the durable record
+    once it is known: after setup, or from the start when ``dirpath`` is given.
 
     Args:
         dirpath: where checkpoints go; default ``<trainer.default_root_dir>/checkpoints``
@@ -273,7 +274,10 @@ class SpecForgeCheckpoint(ModelCheckpoint):
         self._saved: dict[int, str] = {}  # step -> file name, saved by this process
         self._step_at_batch_start = 0
         self._start_step = 0
+        self._stop_saved = False
         self._warned_missing_metric = False
+        if dirpath is not None:  # lets fit/validate(ckpt_path="best") resolve before setup
+            self._set_best(read_record(self.dirpath, "best"))
 
     # -- where --------------------------------------------------------------------------
 
@@ -302,7 +306,9 @@ class SpecForgeCheckpoint(ModelCheckpoint):
         self._set_best(best)
         self.last_record = last
         self.last_model_path = os.path.join(self.dirpath, last["path"]) if last else ""
-        if stage == TrainerFn.FITTING and not any(type(cb).__name__ == "ResumeState" for cb in trainer.callbacks):
+        from specforge_lightning.callbacks.resume import ResumeState  # resume imports this module
+
+        if stage == TrainerFn.FITTING and not any(isinstance(cb, ResumeState) for cb in trainer.callbacks):
             log.warning("SpecForgeCheckpoint without ResumeState: checkpoints will not resume the data position exactly")
 
     def _remove_stale_temps(self) -> None:
@@ -328,6 +334,7 @@ class SpecForgeCheckpoint(ModelCheckpoint):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = trainer.global_step
+        self._stop_saved = False
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -344,8 +351,9 @@ class SpecForgeCheckpoint(ModelCheckpoint):
         # Saving the final step here, not in on_train_end, keeps Lightning's loop state
         # mid-epoch; after on_train_end it would already count the epoch as finished.
         max_steps = trainer.max_steps not in (None, -1) and step >= trainer.max_steps
-        final = self.save_final and (trainer.should_stop or max_steps)
-        if periodic or final:
+        stop = trainer.should_stop and not self._stop_saved  # once: min_steps may keep Lightning going
+        if periodic or (self.save_final and (stop or max_steps)):
+            self._stop_saved = self._stop_saved or trainer.should_stop
             self._save(trainer)
 
     @override
@@ -403,7 +411,7 @@ class SpecForgeCheckpoint(ModelCheckpoint):
         step = trainer.global_step
         name = checkpoint_name(step)
         path = os.path.join(self.dirpath, name)
-        trainer.save_checkpoint(path)  # every rank gathers its state; rank 0 writes (atomically)
+        trainer.save_checkpoint(path, weights_only=False)  # every rank gathers its state; rank 0 writes atomically
         self._saved[step] = name
         self._last_global_step_saved = step
         self._last_checkpoint_saved = path

@@ -156,6 +156,11 @@ def _gather(obj: Any) -> list[Any]:
     return [obj]
 
 
+def _drop_lightning_loader_state(checkpoint: dict[str, Any]) -> None:
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    fit_loop.get("state_dict", {}).pop("combined_loader", None)
+
+
 # --------------------------------------------------------------------------- callback
 
 
@@ -201,7 +206,7 @@ class ResumeState(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer, self._module = trainer, pl_module
-        self._trained = self._restored = None
+        self._trained = self._restored = self._pending_rng = None
         io = install_safe_io(trainer)
         if io is None:
             log.warning("ResumeState cannot check checkpoints before they are restored with this checkpoint IO")
@@ -263,8 +268,7 @@ class ResumeState(Callback):
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
-        fit_loop.pop("combined_loader", None)  # rank 0's prefetched position; ours replaces it
+        _drop_lightning_loader_state(checkpoint)  # rank 0's prefetched position; ours replaces it
         loader = self._loader_state(trainer)
         local = {"rng": capture_rng(), "loader": loader[1] if loader else None}
         gathered = _gather(local)
@@ -282,7 +286,7 @@ class ResumeState(Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        checkpoint.get("loops", {}).get("fit_loop", {}).pop("combined_loader", None)
+        _drop_lightning_loader_state(checkpoint)
         state = checkpoint.get(RESUME_KEY)
         if not isinstance(state, dict):  # only reachable when the IO could not be wrapped
             raise CheckpointError("the checkpoint holds no resume state (it was not written with ResumeState)")

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +137,16 @@ class ProducerProgress:
         d = json.loads(self.path.read_text())
         return {"next_index": int(d["next_index"]), "published": int(d["published"])}
 
-    def write(self, next_index: int, published: int) -> None:
-        _write_json_atomic(self.path, {"next_index": next_index, "published": published})
+    def write(self, next_index: int, published: int, **info: float) -> None:
+        """Record the position; ``info`` (e.g. ``samples_per_s``) is for observers such as StreamHealth."""
+        _write_json_atomic(self.path, {**info, "next_index": next_index, "published": published})
+
+    def read_info(self) -> dict[str, float]:
+        """Everything the file holds, including the producer's own rate (empty before the first write)."""
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
 
     def resume(self, published_in_ledger: int) -> ResumePoint:
         """Reconcile the progress file with the ledger (the source of truth for what was published)."""
@@ -181,7 +189,7 @@ class Publisher:
         self._started = time.monotonic()
         self._last_log = self._started
 
-    def wait(self, should_stop: Any = None) -> None:
+    def wait(self, should_stop: Callable[[], bool] | None = None) -> None:
         """Block while paused; ``should_stop()`` (optional) aborts the wait with InterruptedError."""
         t0 = time.monotonic()
         while not self.backpressure.wait_below(timeout=0.5):
@@ -193,7 +201,7 @@ class Publisher:
         self.ledger.publish([ref])
         self.published += 1
         self.published_now += 1
-        self.progress.write(next_index, self.published)
+        self.progress.write(next_index, self.published, samples_per_s=round(self.samples_per_s(), 3))
         now = time.monotonic()
         if now - self._last_log >= self.log_every_s:
             self._last_log = now
@@ -201,7 +209,7 @@ class Publisher:
 
     def skip(self, next_index: int) -> None:
         """Record a position that produced nothing (a sample dropped by the capture side)."""
-        self.progress.write(next_index, self.published)
+        self.progress.write(next_index, self.published, samples_per_s=round(self.samples_per_s(), 3))
 
     def samples_per_s(self) -> float:
         elapsed = time.monotonic() - self._started

@@ -411,6 +411,9 @@ class FeatureDataLoader:
         if start > len(chunks):
             raise ValueError(f"cannot seek to batch {start}: epoch {epoch} has {len(chunks)} batches")
         self._in_pass, self._pass_epoch, self._batches_done = True, epoch, start
+        # The next pass is the next epoch even if this one is never exhausted: Lightning stops
+        # calling next() once it has taken len(self) batches, so the end of the generator never runs.
+        self.epoch = epoch + 1
 
         def source(stop: threading.Event) -> Iterator[_Work]:
             for i in range(start, len(chunks)):

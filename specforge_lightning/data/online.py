@@ -357,6 +357,7 @@ class RankedLedgerStream:
         self._held: dict[str, SampleRef] = {}
         self._exhausted = False
         self._closed = False
+        self._lock = threading.Lock()  # a prefetch thread gets while the main thread commits
         self.committed = 0
         self.dropped = 0
         reclaimed = sum(ledger.release_consumer(n) for n in self.names) if self.rank == 0 else 0
@@ -377,25 +378,28 @@ class RankedLedgerStream:
             raise (StreamSchemaError if kind == "schema" else RuntimeError)(message)
         self._exhausted = payload["exhausted"]
         refs = payload["refs"][self.rank]
-        for ref in refs:
-            self._held[ref.sample_id] = ref
+        with self._lock:
+            for ref in refs:
+                self._held[ref.sample_id] = ref
         return refs
 
     def ack(self, refs: Sequence[SampleRef]) -> None:
         """Stage refs the loader handed over; ``commit`` makes them durable."""
-        self._staged.extend(refs)
+        with self._lock:
+            self._staged.extend(refs)
 
     def fail(self, refs: Sequence[SampleRef], retryable: bool) -> None:
         ids = {r.sample_id for r in refs}
-        for sid in ids:
-            self._held.pop(sid, None)
-        self._staged = [r for r in self._staged if r.sample_id not in ids]
+        with self._lock:
+            for sid in ids:
+                self._held.pop(sid, None)
+            self._staged = [r for r in self._staged if r.sample_id not in ids]
         if not retryable and ids:
             self.ledger.fail(self.consumer, sorted(ids), retryable=False)
         # Retryable: the lease stays ours until close() (or a restart) returns it in publish order.
 
     def exhausted(self) -> bool:
-        return self._exhausted
+        return self._exhausted or self._closed
 
     # -- durable acks ------------------------------------------------------------------
 
@@ -406,8 +410,9 @@ class RankedLedgerStream:
         how many of this rank's refs became acked.
         """
         wanted = set(trained_ids)
-        last = max((i for i, r in enumerate(self._staged) if r.sample_id in wanted), default=-1)
-        done, self._staged = self._staged[: last + 1], self._staged[last + 1 :]
+        with self._lock:
+            last = max((i for i, r in enumerate(self._staged) if r.sample_id in wanted), default=-1)
+            done, self._staged = self._staged[: last + 1], self._staged[last + 1 :]
         mine = [r.sample_id for r in done]
         gathered = self.comm.all_gather(mine, "commit")
         error = None
@@ -421,8 +426,9 @@ class RankedLedgerStream:
         error = self.comm.broadcast(error, "commit")
         if error is not None:
             raise RuntimeError(f"durable ack on rank 0 failed: {error}")
-        for sid in mine:
-            self._held.pop(sid, None)
+        with self._lock:
+            for sid in mine:
+                self._held.pop(sid, None)
         if self.free_on_ack and self.store is not None:
             for sid in mine:
                 self.store.abort(sid)
@@ -602,12 +608,6 @@ class ColocatedRefSource:
         self._thread: threading.Thread | None = None
         self._started_at = 0.0
 
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank will stream over all epochs (before NaN drops)."""
-        per_epoch = len(distributed_indices(len(self.tasks), self.world_size, self.rank, self.seed, 0, self.shuffle))
-        return per_epoch * self.epochs
-
     def start(self) -> ColocatedRefSource:
         if self._thread is None:
             self._started_at = time.monotonic()
@@ -634,6 +634,7 @@ class ColocatedRefSource:
             "queue_depth": self.ledger.depth(),
             "producer_samples_per_s": self.published / elapsed if elapsed > 0 else 0.0,
             "producer_paused_s": self.paused_s,
+            "producer_capture_s": self.capture_s,
             "nan_skipped": self.nan_skipped,
             "resident_bytes": self.store.health()["resident_bytes"],
         }

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_prompt_tokens", type=int, default=None,
                    help="skip default prompts longer than this (default: the config's max_length)")
     p.add_argument("--no_warmup", action="store_true", help="do not run a short untimed warm-up decode")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="allow pickled objects beyond tensors (weights_only=False): only for your own checkpoints")
     return p
 
 
@@ -208,7 +210,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     try:
-        loaded = load_draft(ns.ckpt_path, target_dir=str(target_dir))
+        loaded = load_draft(ns.ckpt_path, target_dir=str(target_dir), trusted=ns.trust_checkpoint)
     except DraftLoadError as e:
         raise SystemExit(f"evaluate: {e}") from None
     if not loaded.has_embedding:
@@ -221,6 +223,10 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
             f"evaluate: draft {ns.ckpt_path} was built for vocab {c.vocab_size} / hidden {c.target_hidden_size}, "
             f"target {target_dir} has {cfg.vocab_size} / {cfg.hidden_size}"
         )
+    if not c.aux_layer_ids:  # an SGLang folder without eagle_config: SGLang's default layers, ours too
+        from specforge_lightning.target.layers import eagle3_layer_ids
+
+        c.aux_layer_ids = tuple(eagle3_layer_ids(int(cfg.num_hidden_layers)))
     draft = loaded.draft
     if ns.draft_dtype:
         for p in draft.parameters():

@@ -6,7 +6,9 @@ the longest prefix that equals its own greedy choices plus one bonus token,
 and the draft continues from the verified text with the target's real hidden
 states. Greedy (temperature 0), one sequence at a time, so the output is the
 target's own greedy output token for token; only the number of target
-forward passes changes.
+forward passes changes. (Exactly so in float32. In bf16/fp16 a (k+1)-token
+forward rounds differently from k+1 one-token forwards, so near-tied logits can
+flip and the two outputs can part ways; the result counts identical outputs.)
 
 Indexing (the draft's training alignment): draft slot ``t`` holds the target's
 aux hidden state *of* token ``x_t`` next to the token *after* it, ``x_{t+1}``,
@@ -30,6 +32,10 @@ from torch import nn
 from specforge_lightning.algorithms.eagle3.model import Eagle3Cache, Eagle3Draft
 from specforge_lightning.evaluation.metrics import simulated_acceptance_length
 
+SPEEDUP_DEFINITION = (
+    "speculative tokens/s / target-only greedy tokens/s, wall clock, same prompts, decoded back to back; "
+    "equals target time / speculative time when both emit the same number of tokens"
+)
 PER_POSITION_DEFINITION = (
     "entry j (0-based): among verify steps that drafted at least j+1 tokens and accepted the first j, "
     "the fraction that also accepted draft token j+1 (conditional acceptance rate)"
@@ -375,6 +381,7 @@ def run_speculative_eval(
                 "index": index,
                 "prompt_tokens": len(prompt),
                 "new_tokens": len(trace.output_ids),
+                "target_new_tokens": len(reference),
                 "verify_steps": trace.verify_steps,
                 "acceptance_length": trace.acceptance_length if trace.verify_steps else None,
                 "accepted_per_step": list(trace.matched),
@@ -390,8 +397,11 @@ def run_speculative_eval(
     steps = sum(tr.verify_steps for tr in traces)
     emitted = sum(sum(tr.emitted) for tr in traces)
     new_tokens = sum(len(tr.output_ids) for tr in traces)
+    base_tokens = sum(p["target_new_tokens"] for p in per_prompt)
     t_base = sum(p["target_seconds"] for p in per_prompt)
     t_spec = sum(p["speculative_seconds"] for p in per_prompt)
+    base_tps = base_tokens / t_base if t_base > 0 else None
+    spec_tps = new_tokens / t_spec if t_spec > 0 else None
     return {
         "acceptance_length": emitted / steps if steps else None,
         "acceptance_length_definition": ACCEPTANCE_LENGTH_DEFINITION,
@@ -402,13 +412,15 @@ def run_speculative_eval(
         "per_position_acceptance": rates,
         "per_position_definition": PER_POSITION_DEFINITION,
         "per_position_counts": {"accepted": accepted, "eligible": eligible},
-        "speedup": t_base / t_spec if t_spec > 0 else None,
-        "target_tokens_per_s": new_tokens / t_base if t_base > 0 else None,
-        "speculative_tokens_per_s": new_tokens / t_spec if t_spec > 0 else None,
+        "speedup": spec_tps / base_tps if spec_tps and base_tps else None,
+        "speedup_definition": SPEEDUP_DEFINITION,
+        "target_tokens_per_s": base_tps,
+        "speculative_tokens_per_s": spec_tps,
         "target_seconds": t_base,
         "speculative_seconds": t_spec,
         "num_prompts": len(prompts),
         "new_tokens": new_tokens,
+        "target_new_tokens": base_tokens,
         "verify_steps": steps,
         "identical_outputs": sum(p["identical_to_target"] for p in per_prompt),
         "per_prompt": per_prompt,

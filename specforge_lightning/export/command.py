@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as trained)")
     p.add_argument("--target_dir", default=None, help="target folder for the embedding (default: the one recorded)")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="allow pickled objects beyond tensors (weights_only=False): only for your own checkpoints")
     return p
 
 
@@ -30,7 +32,9 @@ def main(args: Sequence[str] | None = None) -> None:
 
     dtype = DTYPES[ns.dtype] if ns.dtype else None
     try:
-        loaded = load_draft(ns.ckpt_path, target_dir=ns.target_dir, with_embedding=ns.format == "hf")
+        loaded = load_draft(
+            ns.ckpt_path, target_dir=ns.target_dir, with_embedding=ns.format == "hf", trusted=ns.trust_checkpoint
+        )
         if ns.format == "hf" and not loaded.has_embedding:
             raise DraftLoadError(f"{ns.ckpt_path}: no embedding found; pass --target_dir for an hf export")
         if ns.format == "sglang":

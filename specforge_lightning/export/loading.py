@@ -66,29 +66,37 @@ class LoadedDraft:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict, or a DraftLoadError that names the file."""
+def read_checkpoint(path: str | Path, *, trusted: bool = False) -> dict[str, Any]:
+    """The raw checkpoint dict, or a DraftLoadError that names the file.
+
+    ``trusted`` allows pickled objects beyond tensors and plain containers
+    (``weights_only=False``): only for checkpoints you wrote yourself.
+    """
     path = Path(path)
     if not path.is_file():
         raise DraftLoadError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as e:  # the unpickler raises many types on foreign bytes (IndexError, UnpicklingError, ...)
-        raise DraftLoadError(
-            f"{path}: not a readable Lightning checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from e
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        hint = ""
+        if not trusted and ("weights_only" in str(e) or "Unsupported global" in str(e)):
+            hint = "; it holds pickled objects other than tensors: if you wrote it yourself, pass --trust_checkpoint"
+        raise DraftLoadError(f"{path}: not a readable Lightning checkpoint ({type(e).__name__}: {first}){hint}") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise DraftLoadError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
     return ckpt
 
 
-def load_checkpoint(path: str | Path, *, with_embedding: bool = True, target_dir: str | None = None) -> LoadedDraft:
+def load_checkpoint(
+    path: str | Path, *, with_embedding: bool = True, target_dir: str | None = None, trusted: bool = False
+) -> LoadedDraft:
     """Rebuild the draft stored in an ``Eagle3Module`` checkpoint, in its stored dtype.
 
     ``with_embedding`` reads the frozen embedding from ``target_dir`` (default: the
     target folder recorded in the checkpoint).
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trusted=trusted)
     meta = ckpt.get(CHECKPOINT_KEY)
     if not isinstance(meta, Mapping) or "draft_config" not in meta:
         extra = sorted(k for k in ckpt if k not in _LIGHTNING_KEYS)
@@ -251,12 +259,14 @@ def config_from_sglang(cfg: Mapping[str, Any]) -> Eagle3Config:
         raise DraftLoadError(f"SGLang config cannot describe an EAGLE3 draft: {e}") from e
 
 
-def load_draft(path: str | Path, *, target_dir: str | None = None, with_embedding: bool = True) -> LoadedDraft:
+def load_draft(
+    path: str | Path, *, target_dir: str | None = None, with_embedding: bool = True, trusted: bool = False
+) -> LoadedDraft:
     """A checkpoint file or an exported folder, whichever ``path`` is."""
     p = Path(path)
     if p.is_dir():
         return load_exported(p, target_dir=target_dir)
-    return load_checkpoint(p, with_embedding=with_embedding, target_dir=target_dir)
+    return load_checkpoint(p, with_embedding=with_embedding, target_dir=target_dir, trusted=trusted)
 
 
 __all__ = [

@@ -175,3 +175,19 @@ def test_mismatched_weights_and_bad_folder_are_refused(ckpt, tmp_path):
     with pytest.raises(DraftLoadError, match="neither") as err:
         load_draft(folder)
     assert str(folder) in str(err.value)
+
+
+class CustomHparam:
+    """Stands for any non-tensor object a user's checkpoint might pickle (a config dataclass, say)."""
+
+
+def test_checkpoint_with_pickled_objects_needs_trust(ckpt, tmp_path):
+    ck = torch.load(ckpt[0], map_location="cpu", weights_only=True)
+    ck["hyper_parameters"]["custom"] = CustomHparam()
+    path = tmp_path / "custom.ckpt"
+    torch.save(ck, path)
+    with pytest.raises(DraftLoadError, match="--trust_checkpoint") as err:
+        load_draft(path)
+    assert str(path) in str(err.value)
+    loaded = load_draft(path, trusted=True)
+    assert torch.equal(loaded.draft.fc.weight, load_checkpoint(ckpt[0]).draft.fc.weight)

@@ -178,3 +178,56 @@ def build_data(features: str | Path, batch_size: int = 2, **kwargs: Any) -> Feat
 
 def weights(module: L.LightningModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def fit(
+    features: str | Path,
+    root: str | Path,
+    *,
+    max_steps: int = 16,
+    max_epochs: int | None = None,
+    batch_size: int = 2,
+    accumulate: int = 1,
+    every_n: int = 5,
+    ckpt_path: str | None = None,
+    interrupt: L.Callback | None = None,
+    module_kwargs: dict[str, Any] | None = None,
+    data_kwargs: dict[str, Any] | None = None,
+    resume: ResumeState | None = None,
+    module: L.LightningModule | None = None,
+    data: FeatureDataModule | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], L.Trainer]:
+    """One seeded in-process run with the three callbacks; returns (rows trained, final weights, trainer).
+
+    A ``KeyboardInterruptLike`` from ``interrupt`` stands in for a crash: the run just ends there.
+    """
+    L.seed_everything(0, verbose=False)
+    log = SampleLog()
+    callbacks = [log] + ([interrupt] if interrupt else [])
+    callbacks += [GracefulPreemption(), resume or ResumeState(), SpecForgeCheckpoint(every_n_train_steps=every_n)]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=max_epochs, accumulate_grad_batches=accumulate,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=str(root), callbacks=callbacks,
+    )
+    module = module or build_module(**(module_kwargs or {}))
+    data = data or build_data(features, batch_size=batch_size, **(data_kwargs or {}))
+    try:
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+    except KeyboardInterruptLike:
+        pass
+    return log.rows, weights(module), trainer
+
+
+def key(rows: list[dict[str, Any]]) -> list[tuple]:
+    """What identifies a micro-batch's place in training (the loss and RNG draws are compared apart)."""
+    return [(r["step"], r["epoch"], r["batch_index"], r["ids"], r["lightning_epoch"]) for r in rows]
+
+
+def assert_same(resumed: list[dict[str, Any]], straight: list[dict[str, Any]], upto: int) -> None:
+    """``resumed`` equals the micro-batches of ``straight`` after optimizer step ``upto``."""
+    done = min(i + 1 for i, r in enumerate(straight) if r["step"] == upto) if upto else 0  # the completing one
+    tail = straight[done:]
+    assert key(resumed) == key(tail)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in tail]
+    assert [r["rng"] for r in resumed] == [r["rng"] for r in tail]

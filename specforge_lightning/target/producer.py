@@ -1,0 +1,303 @@
+"""The feature producer of a disaggregated run: conversations in, refs on a ledger out.
+
+    python -m specforge_lightning produce --config configs/eagle3-tiny-stream.yaml
+
+It reads the same YAML as ``fit`` (``data.init_args``: ``prepare``, ``ledger``,
+``store``, ``epochs``, ``shuffle``, ``seed``, watermarks), tokenizes the
+conversations exactly as ``prepare`` does, captures them with the HF target, puts
+each sample into the shared store and only then publishes its ref (a killed
+producer never exposes a half-written sample). It pauses while the ledger's queue
+is above the high watermark and resumes below the low one, and marks the stream
+done at the end. Restarted on the same ledger, it continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specforge_lightning.contracts import SCHEMA_VERSION, PromptTask
+from specforge_lightning.control.producer import (
+    STREAM_VOCAB,
+    ProducerProgress,
+    Publisher,
+    producer_lock,
+    stream_file,
+    write_stream_manifest,
+)
+from specforge_lightning.control.sqlite_ledger import SqliteLedger
+from specforge_lightning.data.loader import distributed_indices
+from specforge_lightning.data.online import (
+    CaptureEngine,
+    StoreSpec,
+    build_store,
+    capture_in_order,
+    epoch_sample_ids,
+    put_with_retry,
+)
+from specforge_lightning.data.vocab import build_vocab_mapping, count_supervised_tokens, coverage, save_vocab_mapping
+from specforge_lightning.target.layers import resolve_layer_ids
+from specforge_lightning.target.prepare import IDENTITY_FIELDS, VOCAB_FILE, PrepareConfig, build_tasks
+
+log = logging.getLogger(__name__)
+
+STREAM_IDENTITY_FIELDS = (*IDENTITY_FIELDS, "stream")
+
+
+@dataclass
+class StreamPlan:
+    """Everything a capture needs, computed once from a PrepareConfig (no model loaded yet)."""
+
+    cfg: PrepareConfig
+    target_dir: Path
+    layer_ids: list[int]
+    train: list[PromptTask]
+    val: list[PromptTask]
+    d2t: torch.Tensor
+    t2d: torch.Tensor
+    manifest: dict[str, Any]  # prepare's identity fields and model facts; no splits yet
+
+    def load_engine(self) -> CaptureEngine:
+        from specforge_lightning.target.engine import HFTargetEngine
+
+        return HFTargetEngine.from_path(
+            str(self.target_dir), dtype=_dtype(self.cfg.compute_dtype), capture_dtype=_dtype(self.cfg.capture_dtype)
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        keys = ("target", "target_weights_hash", "layer_ids", "capture_dtype", "tokenizer_hash", "chat_template_hash")
+        return {k: self.manifest[k] for k in keys}
+
+
+def _dtype(name: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use e.g. 'bfloat16' or 'float32'")
+    return value
+
+
+def plan_stream(cfg: PrepareConfig) -> StreamPlan:
+    """Tasks, vocab mapping and manifest identity for ``cfg``, computed the way ``prepare`` computes them."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from specforge_lightning.data.chat import template_hash, tokenizer_hash
+    from specforge_lightning.target.zoo import resolve_target, weights_hash
+
+    target_dir = resolve_target(cfg.target, cfg.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    hf_config = AutoConfig.from_pretrained(str(target_dir))
+    layer_ids = resolve_layer_ids(cfg.layer_preset, hf_config.num_hidden_layers, cfg.layer_ids)
+    train, val, dropped = build_tasks(cfg, tokenizer)
+    counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in train)
+    d2t, t2d = build_vocab_mapping(counts, len(tokenizer), cfg.draft_vocab_size)
+    val_counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in val)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "target": cfg.target,
+        "target_weights_hash": weights_hash(target_dir),
+        "layer_ids": layer_ids,
+        "capture_dtype": cfg.capture_dtype,
+        "max_length": cfg.max_length,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "chat_template_hash": template_hash(tokenizer),
+        "corpus": cfg.corpus,
+        "skip_samples": cfg.skip_samples,
+        "num_samples": cfg.num_samples,
+        "num_val_samples": cfg.num_val_samples,
+        "max_messages": cfg.max_messages,
+        "train_only_last_turn": cfg.train_only_last_turn,
+        "draft_vocab_size": cfg.draft_vocab_size,
+        "shard_size": cfg.shard_size,
+        "format": "specforge-features",
+        "target_id": Path(target_dir).name,
+        "hidden_size": int(hf_config.hidden_size),
+        "num_layers": int(hf_config.num_hidden_layers),
+        "vocab_size": len(tokenizer),
+        "vocab_mapping": VOCAB_FILE,
+        "draft_vocab_coverage": {"train": coverage(counts, t2d), "val": coverage(val_counts, t2d)},
+        "dropped_conversations": dropped,
+    }
+    missing = [k for k in IDENTITY_FIELDS if k not in manifest]
+    assert not missing, f"stream manifest lacks identity fields {missing}"
+    return StreamPlan(cfg, Path(target_dir), layer_ids, train, val, d2t, t2d, manifest)
+
+
+@dataclass
+class ProducerConfig:
+    """A producer run. ``wait_drained`` (None: only for Mooncake, whose objects live in the
+    producer's segment) keeps the producer alive after the last publish until every ref is acked."""
+
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    ledger: str = "outputs/stream/ledger.sqlite"
+    store: StoreSpec = field(default_factory=StoreSpec)
+    epochs: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    high_watermark: int = 64
+    low_watermark: int = 32
+    put_retry_s: float = 600.0
+    wait_drained: bool | None = None
+    log_every_s: float = 10.0
+
+
+def stream_manifest(cfg: ProducerConfig, plan: StreamPlan) -> dict[str, Any]:
+    return {
+        **plan.manifest,
+        "vocab_mapping": STREAM_VOCAB,
+        "stream": {
+            "epochs": cfg.epochs,
+            "shuffle": cfg.shuffle,
+            "seed": cfg.seed,
+            "num_tasks": len(plan.train),
+            "store": cfg.store.kind,
+        },
+    }
+
+
+def run_producer(
+    cfg: ProducerConfig, *, stop: threading.Event | None = None, engine: CaptureEngine | None = None
+) -> dict[str, Any]:
+    """Produce the whole stream (or the rest of it, after a restart); returns run statistics."""
+    ledger_path = Path(cfg.ledger)
+    ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    stop = stop or threading.Event()
+    with producer_lock(ledger_path):
+        plan = plan_stream(cfg.prepare)
+        save_vocab_mapping(stream_file(ledger_path, STREAM_VOCAB), plan.d2t, plan.t2d)
+        write_stream_manifest(ledger_path, stream_manifest(cfg, plan), STREAM_IDENTITY_FIELDS)
+        ledger = SqliteLedger(ledger_path)
+        store = None
+        try:
+            if ledger.is_done():
+                log.info("the stream on %s is already complete; nothing to produce", ledger_path)
+                return {"published": ledger.counts()["published"], "published_now": 0, "complete": True}
+            progress = ProducerProgress(ledger_path)
+            point = progress.resume(ledger.counts()["published"])
+            if point.next_index or point.published:
+                log.info("resuming at task position %d (%d refs already published)", point.next_index, point.published)
+            store = build_store(cfg.store, consume_once=False, producer=True)
+            engine = engine or plan.load_engine()
+            publisher = Publisher(
+                ledger, progress, high_watermark=cfg.high_watermark, low_watermark=cfg.low_watermark,
+                published=point.published, log_every_s=cfg.log_every_s,
+            )
+            stats = _produce(cfg, plan, engine, store, publisher, point, stop)
+            if stop.is_set():
+                return stats
+            publisher.finish()
+            log.info("stream complete: %s", publisher.summary_line())
+            wait = cfg.wait_drained if cfg.wait_drained is not None else cfg.store.kind == "mooncake"
+            if wait:
+                log.info("waiting for the trainers to ack every ref (this producer holds the features)")
+                while not publisher.wait_drained(timeout_s=0.5):
+                    if stop.is_set():
+                        break
+            return {**stats, "complete": True}
+        finally:
+            if store is not None:
+                store.close()
+            ledger.close()
+
+
+def _produce(cfg, plan, engine, store, publisher, point, stop) -> dict[str, Any]:
+    n = len(plan.train)
+    skip_published = point.already_published
+    check_orphan = point.check_orphan
+    nan_skipped = 0
+    provenance = plan.provenance()
+    t0 = time.monotonic()
+    for epoch in range(cfg.epochs):
+        base = epoch * n
+        if point.next_index >= base + n:
+            continue
+        order = distributed_indices(n, 1, 0, cfg.seed, epoch, cfg.shuffle)
+        ordered = [plan.train[i] for i in order]
+        ids = epoch_sample_ids(plan.train, order, epoch)
+        start = max(point.next_index - base, 0)
+        for pos, feats in capture_in_order(
+            engine, ordered, plan.layer_ids, chunk_size=plan.cfg.shard_size, batch_size=plan.cfg.batch_size,
+            start=start, stop=stop,
+        ):
+            after = base + pos + 1
+            if feats is None:
+                nan_skipped += 1
+                publisher.skip(after)
+                continue
+            if skip_published:  # published just before the last run died: never put it twice
+                skip_published -= 1
+                publisher.skip(after)
+                continue
+            publisher.wait(stop.is_set)
+            if check_orphan:  # the last run may have died between put and publish
+                store.abort(ids[pos])
+                check_orphan = False
+            ref = put_with_retry(
+                store, feats, ids[pos], provenance=provenance, retry_s=cfg.put_retry_s, should_stop=stop.is_set
+            )
+            publisher.publish(ref, after)
+            if stop.is_set():
+                break
+    elapsed = time.monotonic() - t0
+    return {
+        "published": publisher.published,
+        "published_now": publisher.published_now,
+        "samples_per_s": publisher.published_now / elapsed if elapsed > 0 else 0.0,
+        "paused_s": publisher.paused_s,
+        "nan_skipped": nan_skipped,
+        "resumed_from": point.next_index,
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _producer_section(path: str) -> dict[str, Any]:
+    """``data.init_args`` of a fit config (the keys a producer knows), or a whole producer YAML."""
+    import yaml
+
+    with open(path) as f:
+        node = yaml.safe_load(f) or {}
+    if "data" in node:
+        node = node["data"] or {}
+        node = node.get("init_args", node)
+    known = set(ProducerConfig.__dataclass_fields__)
+    return {k: v for k, v in node.items() if k in known}
+
+
+def parse_args(args: list[str]) -> ProducerConfig:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="specforge_lightning produce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=str, default=None, help="a fit config (reads data.init_args) or a producer YAML")
+    parser.add_class_arguments(ProducerConfig, as_group=False)
+    config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if config is None and "--config" in args and args.index("--config") + 1 < len(args):
+        config = args[args.index("--config") + 1]
+    if config:
+        section = _producer_section(config)
+        defaults = asdict(ProducerConfig())
+        for key in ("prepare", "store"):  # nested dataclasses: merge over the defaults
+            if key in section:
+                section[key] = {**defaults[key], **(section[key] or {})}
+        parser.set_defaults(**section)
+    ns = parser.parse_args(args)
+    init = parser.instantiate_classes(ns)
+    return ProducerConfig(**{k: getattr(init, k) for k in ProducerConfig.__dataclass_fields__})
+
+
+def main(args: list[str] | None = None) -> None:
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_args(list(sys.argv[1:] if args is None else args))
+    stats = run_producer(cfg)
+    print(
+        f"producer: {stats['published']} refs published on {cfg.ledger} "
+        f"({stats.get('published_now', 0)} this run, {stats.get('samples_per_s', 0.0):.2f} samples/s)"
+    )
