@@ -33,6 +33,7 @@ CONFIG_FIELDS = (
     "train_only_last_turn",
     "capture_dtype",
     "draft_vocab_size",
+    "regenerate",
 )
 
 

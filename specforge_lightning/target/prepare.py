@@ -51,6 +51,8 @@ IDENTITY_FIELDS = (
     "train_only_last_turn",
     "draft_vocab_size",
     "shard_size",
+    "regenerate",
+    "regenerate_max_new_tokens",
 )
 
 
@@ -74,6 +76,10 @@ class PrepareConfig:
     shard_size: int = 64
     capture_dtype: str = "bfloat16"
     compute_dtype: str = "bfloat16"
+    # Re-answer each first user turn with the target's own greedy reply (see target/regenerate.py).
+    regenerate: bool = False
+    regenerate_max_new_tokens: int = 192
+    regenerate_batch_size: int = 16
     cache_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -109,8 +115,16 @@ def manifest_mismatch(existing: dict[str, Any], wanted: dict[str, Any], fields=I
     return None
 
 
-def build_tasks(cfg: PrepareConfig, tokenizer) -> tuple[list[PromptTask], list[PromptTask], int]:
-    """Tokenize conversations into train and val PromptTasks; returns (train, val, dropped)."""
+def build_tasks(
+    cfg: PrepareConfig, tokenizer, model=None, cache_file: Path | None = None
+) -> tuple[list[PromptTask], list[PromptTask], int]:
+    """Tokenize conversations into train and val PromptTasks; returns (train, val, dropped).
+
+    With ``cfg.regenerate`` the supervised text is the target's own greedy reply
+    to each first user turn (``model`` required), cached in ``cache_file``.
+    """
+    if cfg.regenerate:
+        return _regenerated_tasks(cfg, tokenizer, model, cache_file)
     total = cfg.num_samples + cfg.num_val_samples
     tasks: list[PromptTask] = []
     dropped = 0
@@ -138,21 +152,35 @@ def build_tasks(cfg: PrepareConfig, tokenizer) -> tuple[list[PromptTask], list[P
     return tasks[: cfg.num_samples], tasks[cfg.num_samples :], dropped
 
 
-def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Capture features for ``cfg``; restartable; returns the final manifest."""
-    from transformers import AutoConfig, AutoTokenizer
+def _regenerated_tasks(cfg: PrepareConfig, tokenizer, model, cache_file: Path | None):
+    from specforge_lightning.target.regenerate import regenerate_tasks
 
-    from specforge_lightning.target.engine import HFTargetEngine
-    from specforge_lightning.target.zoo import resolve_target, weights_hash
+    if model is None:
+        raise ValueError("regenerate=true needs the target model")
+    total = cfg.num_samples + cfg.num_val_samples
+    # Over-read: prompts longer than max_length and empty answers are dropped.
+    convs = corpus_lib.load_conversations(cfg.corpus, limit=total + max(16, total // 2), skip=cfg.skip_samples)
+    named = [(f"c{cfg.skip_samples + i:06d}", m) for i, m in enumerate(convs)]
+    tasks = regenerate_tasks(
+        model,
+        tokenizer,
+        named,
+        max_length=cfg.max_length,
+        max_new_tokens=cfg.regenerate_max_new_tokens,
+        batch_size=cfg.regenerate_batch_size,
+        cache_file=cache_file,
+    )
+    usable = [t for t in tasks if t.num_supervised >= 2]
+    if len(usable) < total:
+        raise ValueError(f"regeneration gave only {len(usable)} usable samples, {total} requested")
+    return usable[: cfg.num_samples], usable[cfg.num_samples : total], len(named) - total
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target_dir = resolve_target(cfg.target, cfg.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
-    hf_config = AutoConfig.from_pretrained(str(target_dir))
-    layer_ids = resolve_layer_ids(cfg.layer_preset, hf_config.num_hidden_layers, cfg.layer_ids)
 
-    identity = {
+def feature_identity(cfg: PrepareConfig, target_dir: Path, tokenizer, layer_ids: list[int]) -> dict[str, Any]:
+    """The manifest fields that define what the features ARE (see IDENTITY_FIELDS)."""
+    from specforge_lightning.target.zoo import weights_hash
+
+    return {
         "schema_version": SCHEMA_VERSION,
         "target": cfg.target,
         "target_weights_hash": weights_hash(target_dir),
@@ -169,21 +197,16 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         "train_only_last_turn": cfg.train_only_last_turn,
         "draft_vocab_size": cfg.draft_vocab_size,
         "shard_size": cfg.shard_size,
+        "regenerate": cfg.regenerate,
+        "regenerate_max_new_tokens": cfg.regenerate_max_new_tokens if cfg.regenerate else None,
     }
-    existing = read_manifest(out)
-    if existing is not None:
-        diff = manifest_mismatch(existing, identity)
-        if diff:
-            raise ValueError(f"{out} holds features prepared differently ({diff}); use another output_dir")
-        if existing.get("complete"):
-            return existing
 
-    train, val, dropped = build_tasks(cfg, tokenizer)
+
+def describe_features(identity, target_dir, tokenizer, hf_config, train, val, dropped, t2d) -> dict[str, Any]:
+    """Identity plus the facts a consumer needs (sizes, vocab file, draft-vocab coverage)."""
     counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in train)
-    d2t, t2d = build_vocab_mapping(counts, len(tokenizer), cfg.draft_vocab_size)
     val_counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in val)
-    save_vocab_mapping(out / VOCAB_FILE, d2t, t2d)
-    manifest = {
+    return {
         **identity,
         "format": "specforge-features",
         "target_id": Path(target_dir).name,
@@ -193,12 +216,50 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         "vocab_mapping": VOCAB_FILE,
         "draft_vocab_coverage": {"train": coverage(counts, t2d), "val": coverage(val_counts, t2d)},
         "dropped_conversations": dropped,
+    }
+
+
+def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Capture features for ``cfg``; restartable; returns the final manifest."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from specforge_lightning.target.engine import HFTargetEngine
+    from specforge_lightning.target.zoo import resolve_target
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target_dir = resolve_target(cfg.target, cfg.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    hf_config = AutoConfig.from_pretrained(str(target_dir))
+    layer_ids = resolve_layer_ids(cfg.layer_preset, hf_config.num_hidden_layers, cfg.layer_ids)
+
+    identity = feature_identity(cfg, target_dir, tokenizer, layer_ids)
+    existing = read_manifest(out)
+    if existing is not None:
+        diff = manifest_mismatch(existing, identity)
+        if diff:
+            raise ValueError(f"{out} holds features prepared differently ({diff}); use another output_dir")
+        if existing.get("complete"):
+            return existing
+
+    engine = None
+    model = None
+    if cfg.regenerate:
+        engine = HFTargetEngine.from_path(
+            str(target_dir), dtype=_dtype(cfg.compute_dtype), capture_dtype=_dtype(cfg.capture_dtype)
+        )
+        model = engine.model
+    train, val, dropped = build_tasks(cfg, tokenizer, model, out / "regenerated.jsonl")
+    counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in train)
+    d2t, t2d = build_vocab_mapping(counts, len(tokenizer), cfg.draft_vocab_size)
+    save_vocab_mapping(out / VOCAB_FILE, d2t, t2d)
+    manifest = {
+        **describe_features(identity, target_dir, tokenizer, hf_config, train, val, dropped, t2d),
         "complete": False,
         "splits": {},
     }
     _write_manifest(out, manifest)
 
-    engine = None
     stats = {"nan_skipped": 0, "captured_tokens": 0, "seconds": 0.0}
     for split, tasks in (("train", train), ("val", val)):
         shards = []

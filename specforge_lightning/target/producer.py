@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from specforge_lightning.contracts import SCHEMA_VERSION, PromptTask
+from specforge_lightning.contracts import PromptTask
 from specforge_lightning.control.producer import (
     STREAM_VOCAB,
     ProducerProgress,
@@ -41,9 +41,15 @@ from specforge_lightning.data.online import (
     epoch_sample_ids,
     put_with_retry,
 )
-from specforge_lightning.data.vocab import build_vocab_mapping, count_supervised_tokens, coverage, save_vocab_mapping
+from specforge_lightning.data.vocab import build_vocab_mapping, count_supervised_tokens, save_vocab_mapping
 from specforge_lightning.target.layers import resolve_layer_ids
-from specforge_lightning.target.prepare import IDENTITY_FIELDS, VOCAB_FILE, PrepareConfig, build_tasks
+from specforge_lightning.target.prepare import (
+    IDENTITY_FIELDS,
+    PrepareConfig,
+    build_tasks,
+    describe_features,
+    feature_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,43 +92,18 @@ def plan_stream(cfg: PrepareConfig) -> StreamPlan:
     """Tasks, vocab mapping and manifest identity for ``cfg``, computed the way ``prepare`` computes them."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from specforge_lightning.data.chat import template_hash, tokenizer_hash
-    from specforge_lightning.target.zoo import resolve_target, weights_hash
+    from specforge_lightning.target.zoo import resolve_target
 
     target_dir = resolve_target(cfg.target, cfg.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     hf_config = AutoConfig.from_pretrained(str(target_dir))
     layer_ids = resolve_layer_ids(cfg.layer_preset, hf_config.num_hidden_layers, cfg.layer_ids)
     train, val, dropped = build_tasks(cfg, tokenizer)
-    counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in train)
-    d2t, t2d = build_vocab_mapping(counts, len(tokenizer), cfg.draft_vocab_size)
-    val_counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in val)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "target": cfg.target,
-        "target_weights_hash": weights_hash(target_dir),
-        "layer_ids": layer_ids,
-        "capture_dtype": cfg.capture_dtype,
-        "max_length": cfg.max_length,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "chat_template_hash": template_hash(tokenizer),
-        "corpus": cfg.corpus,
-        "skip_samples": cfg.skip_samples,
-        "num_samples": cfg.num_samples,
-        "num_val_samples": cfg.num_val_samples,
-        "max_messages": cfg.max_messages,
-        "train_only_last_turn": cfg.train_only_last_turn,
-        "draft_vocab_size": cfg.draft_vocab_size,
-        "shard_size": cfg.shard_size,
-        "format": "specforge-features",
-        "target_id": Path(target_dir).name,
-        "hidden_size": int(hf_config.hidden_size),
-        "num_layers": int(hf_config.num_hidden_layers),
-        "vocab_size": len(tokenizer),
-        "vocab_mapping": VOCAB_FILE,
-        "draft_vocab_coverage": {"train": coverage(counts, t2d), "val": coverage(val_counts, t2d)},
-        "dropped_conversations": dropped,
-    }
+    d2t, t2d = build_vocab_mapping(
+        count_supervised_tokens((t.input_ids, t.loss_mask) for t in train), len(tokenizer), cfg.draft_vocab_size
+    )
+    identity = feature_identity(cfg, Path(target_dir), tokenizer, layer_ids)
+    manifest = describe_features(identity, target_dir, tokenizer, hf_config, train, val, dropped, t2d)
     missing = [k for k in IDENTITY_FIELDS if k not in manifest]
     assert not missing, f"stream manifest lacks identity fields {missing}"
     return StreamPlan(cfg, Path(target_dir), layer_ids, train, val, d2t, t2d, manifest)
