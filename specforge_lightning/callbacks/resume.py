@@ -40,6 +40,7 @@ from typing_extensions import override
 
 from specforge_lightning.callbacks.checkpoint import CheckpointError, install_safe_io, read_checkpoint
 from specforge_lightning.data.loader import FeatureDataLoader
+from specforge_lightning.target.prepare import IDENTITY_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +49,8 @@ RESUME_VERSION = 1
 # Loss options of the built-in algorithms; a module may add its own with a
 # ``resume_strict_hparams`` class attribute.
 DEFAULT_STRICT_HPARAMS = ("ttt_length", "loss_decay", "loss_normalize", "block_size")
-# Manifest fields that say what the features ARE (mirrors target.prepare.IDENTITY_FIELDS).
-MANIFEST_IDENTITY = (
-    "schema_version",
-    "target",
-    "target_weights_hash",
-    "layer_ids",
-    "capture_dtype",
-    "max_length",
-    "tokenizer_hash",
-    "chat_template_hash",
-    "corpus",
-    "skip_samples",
-    "num_samples",
-    "num_val_samples",
-    "max_messages",
-    "train_only_last_turn",
-    "draft_vocab_size",
-    "shard_size",
-)
+# Manifest fields that say what the features ARE.
+MANIFEST_IDENTITY = IDENTITY_FIELDS
 
 
 class ResumeMismatchError(CheckpointError):

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from specforge_lightning.contracts import FeatureSpec, SampleRef
-from specforge_lightning.data.stores.base import FeatureStoreError
+from specforge_lightning.data.stores.base import FeatureStoreError, num_tokens_of
 
 SHARD_FORMAT = "specforge-shard"
 SHARD_SCHEMA_VERSION = "1"
@@ -50,14 +50,6 @@ _DTYPES = {
 
 class ShardError(FeatureStoreError):
     """A shard file is missing, truncated, corrupt or not a specforge shard; the message names it."""
-
-
-def num_tokens_of(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Sequence length of one sample: the length of ``input_ids`` (dim 0), or 0 when absent."""
-    ids = tensors.get("input_ids")
-    if ids is None or ids.dim() == 0:
-        return 0
-    return int(ids.shape[0])
 
 
 def shard_uri(path: str | Path, sample_id: str) -> str:

@@ -31,6 +31,36 @@ def specs_of(tensors: Mapping[str, torch.Tensor]) -> tuple[FeatureSpec, ...]:
     )
 
 
+def num_tokens_of(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Sequence length of one sample: the length of ``input_ids`` (dim 0), or 0 when absent."""
+    ids = tensors.get("input_ids")
+    if ids is None or ids.dim() == 0:
+        return 0
+    return int(ids.shape[0])
+
+
+def make_ref(
+    tensors: Mapping[str, torch.Tensor],
+    sample_id: str,
+    uri: str,
+    *,
+    strategy: str,
+    generation: int,
+    provenance: Mapping[str, Any] | None,
+) -> SampleRef:
+    """The SampleRef every store returns from ``put``: keys, specs and token count read off the tensors."""
+    return SampleRef(
+        sample_id=sample_id,
+        store_uri=uri,
+        feature_keys={k: k for k in sorted(tensors)},
+        feature_specs=specs_of(tensors),
+        strategy=strategy,
+        generation=generation,
+        num_tokens=num_tokens_of(tensors),
+        provenance=dict(provenance or {}),
+    )
+
+
 class FeatureStore(ABC):
     """Holds feature tensors; SampleRefs point into it.
 

@@ -14,7 +14,7 @@ import torch
 
 from specforge_lightning.contracts import SampleRef
 from specforge_lightning.data import shards
-from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, specs_of
+from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, make_ref
 
 
 def nbytes_of(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -85,16 +85,7 @@ class LocalFeatureStore(FeatureStore):
             self._samples[sample_id] = _Entry(owned, generation, nbytes)
             self._resident_bytes = resident + nbytes
             self._counts["puts"] += 1
-        return SampleRef(
-            sample_id=sample_id,
-            store_uri=f"mem://{sample_id}",
-            feature_keys={k: k for k in sorted(owned)},
-            feature_specs=specs_of(owned),
-            strategy=strategy,
-            generation=generation,
-            num_tokens=shards.num_tokens_of(owned),
-            provenance=dict(provenance or {}),
-        )
+        return make_ref(owned, sample_id, f"mem://{sample_id}", strategy=strategy, generation=generation, provenance=provenance)
 
     def get(self, ref: SampleRef) -> tuple[dict[str, torch.Tensor], Lease]:
         """The stored tensors themselves (not copies): the caller clones before ``release``."""

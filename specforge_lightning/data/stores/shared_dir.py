@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from specforge_lightning.contracts import SampleRef
 from specforge_lightning.data import shards
-from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, specs_of
+from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, make_ref
 from specforge_lightning.data.stores.local import check_tensors, nbytes_of
 
 SAMPLE_FORMAT = "specforge-sample"
@@ -155,16 +155,7 @@ class SharedDirFeatureStore(FeatureStore):
             self.sample_path(sample_id, older).unlink(missing_ok=True)
         with self._lock:
             self._counts["puts"] += 1
-        return SampleRef(
-            sample_id=sample_id,
-            store_uri=f"dir://{path}",
-            feature_keys={k: k for k in sorted(tensors)},
-            feature_specs=specs_of(tensors),
-            strategy=strategy,
-            generation=generation,
-            num_tokens=shards.num_tokens_of(tensors),
-            provenance=dict(provenance or {}),
-        )
+        return make_ref(tensors, sample_id, f"dir://{path}", strategy=strategy, generation=generation, provenance=provenance)
 
     def get(self, ref: SampleRef) -> tuple[dict[str, torch.Tensor], Lease]:
         if not ref.store_uri.startswith("dir://"):
