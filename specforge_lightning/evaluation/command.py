@@ -80,15 +80,20 @@ def read_prepare_section(config_path: str | None) -> dict[str, Any]:
 def held_out_skip(prep: Mapping[str, Any]) -> int:
     """First conversation index that training could not have read.
 
-    ``prepare`` reads ``total + max(8, total // 10)`` conversations from
-    ``skip_samples`` (it over-reads to replace unusable ones), so everything
-    from there on is held out.
+    ``prepare`` records in its manifest where it stopped reading the corpus
+    (``corpus_end``: it skips conversations it cannot use, so that is more than
+    the sample count); everything from there on is held out.
     """
-    from specforge_lightning.target.prepare import PrepareConfig
+    from specforge_lightning.target.prepare import PrepareConfig, read_manifest
 
     cfg = PrepareConfig(**prep)
-    total = cfg.num_samples + cfg.num_val_samples
-    return cfg.skip_samples + total + max(8, total // 10)
+    manifest = read_manifest(cfg.output_dir)
+    if manifest is None or "corpus_end" not in manifest:
+        raise SystemExit(
+            f"evaluate: held-out prompts start where prepare stopped reading the corpus, but {cfg.output_dir} "
+            "has no manifest with corpus_end; run fit/prepare first or pass --prompts"
+        )
+    return int(manifest["corpus_end"])
 
 
 # --------------------------------------------------------------------------- prompts

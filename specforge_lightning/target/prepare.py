@@ -115,28 +115,51 @@ def manifest_mismatch(existing: dict[str, Any], wanted: dict[str, Any], fields=I
     return None
 
 
-def build_tasks(
-    cfg: PrepareConfig, tokenizer, model=None, cache_file: Path | None = None
-) -> tuple[list[PromptTask], list[PromptTask], int]:
-    """Tokenize conversations into train and val PromptTasks; returns (train, val, dropped).
+@dataclass
+class TaskPlan:
+    """Train and val PromptTasks, plus where in the corpus reading stopped.
 
-    With ``cfg.regenerate`` the supervised text is the target's own greedy reply
-    to each first user turn (``model`` required), cached in ``cache_file``.
+    ``corpus_end`` is the index of the first conversation never read: evaluation
+    takes its held-out prompts from there on, so they never overlap training.
     """
-    if cfg.regenerate:
-        return _regenerated_tasks(cfg, tokenizer, model, cache_file)
+
+    train: list[PromptTask]
+    val: list[PromptTask]
+    dropped: int
+    corpus_end: int
+
+
+def _conversations(cfg: PrepareConfig):
+    """``(index, messages)`` from ``skip_samples`` on, read in chunks, cut to ``max_messages``."""
+    position = cfg.skip_samples
+    while True:
+        chunk = corpus_lib.load_conversations(cfg.corpus, limit=256, skip=position)
+        for messages in chunk:
+            yield position, messages[: cfg.max_messages] if cfg.max_messages else messages
+            position += 1
+        if len(chunk) < 256:
+            return
+
+
+def build_tasks(cfg: PrepareConfig, tokenizer, model=None, cache_file: Path | None = None) -> TaskPlan:
+    """Tokenize conversations into train and val PromptTasks.
+
+    Conversations that give fewer than two supervised tokens (e.g. a prompt that
+    fills ``max_length``) are dropped and counted. With ``cfg.regenerate`` the
+    supervised text is the target's own greedy reply to each first user turn
+    (``model`` required), cached in ``cache_file``.
+    """
     total = cfg.num_samples + cfg.num_val_samples
     tasks: list[PromptTask] = []
     dropped = 0
-    position = cfg.skip_samples
-    # Read in chunks: conversations whose prompt fills max_length give no supervised token.
-    while len(tasks) < total:
-        want = max(16, 2 * (total - len(tasks)))
-        convs = corpus_lib.load_conversations(cfg.corpus, limit=want, skip=position)
-        for messages in convs:
-            index, position = position, position + 1
-            if cfg.max_messages:
-                messages = messages[: cfg.max_messages]
+    end = cfg.skip_samples
+    if cfg.regenerate:
+        if model is None:
+            raise ValueError("regenerate=true needs the target model")
+        tasks, dropped, end = _regenerated(cfg, tokenizer, model, cache_file, total)
+    else:
+        for index, messages in _conversations(cfg):
+            end = index + 1
             ids, mask = tokenize_conversation(
                 tokenizer, messages, cfg.max_length, train_only_last_turn=cfg.train_only_last_turn
             )
@@ -146,21 +169,25 @@ def build_tasks(
             tasks.append(PromptTask(f"c{index:06d}", tuple(ids), tuple(mask), {"corpus": cfg.corpus}))
             if len(tasks) == total:
                 break
-        if len(convs) < want and len(tasks) < total:
-            raise ValueError(f"corpus {cfg.corpus!r} gave only {len(tasks)} usable conversations, {total} requested")
+    if len(tasks) < total:
+        raise ValueError(f"corpus {cfg.corpus!r} gave only {len(tasks)} usable conversations, {total} requested")
     # Validation comes from the END of the slice, so growing num_samples never leaks val into train.
-    return tasks[: cfg.num_samples], tasks[cfg.num_samples :], dropped
+    return TaskPlan(tasks[: cfg.num_samples], tasks[cfg.num_samples : total], dropped, end)
 
 
-def _regenerated_tasks(cfg: PrepareConfig, tokenizer, model, cache_file: Path | None):
-    from specforge_lightning.target.regenerate import regenerate_tasks
+def _regenerated(cfg: PrepareConfig, tokenizer, model, cache_file: Path | None, total: int):
+    from specforge_lightning.target.regenerate import prompt_ids, regenerate_tasks
 
-    if model is None:
-        raise ValueError("regenerate=true needs the target model")
-    total = cfg.num_samples + cfg.num_val_samples
-    # Over-read: prompts longer than max_length and empty answers are dropped.
-    convs = corpus_lib.load_conversations(cfg.corpus, limit=total + max(16, total // 2), skip=cfg.skip_samples)
-    named = [(f"c{cfg.skip_samples + i:06d}", m) for i, m in enumerate(convs)]
+    # Prompts that leave no room for an answer are skipped before any generation;
+    # a few spares cover answers that come back (nearly) empty.
+    wanted = total + max(4, total // 50)
+    named, end = [], cfg.skip_samples
+    for index, messages in _conversations(cfg):
+        end = index + 1
+        if prompt_ids(tokenizer, messages, cfg.max_length - 8) is not None:
+            named.append((f"c{index:06d}", messages))
+            if len(named) == wanted:
+                break
     tasks = regenerate_tasks(
         model,
         tokenizer,
@@ -170,10 +197,8 @@ def _regenerated_tasks(cfg: PrepareConfig, tokenizer, model, cache_file: Path | 
         batch_size=cfg.regenerate_batch_size,
         cache_file=cache_file,
     )
-    usable = [t for t in tasks if t.num_supervised >= 2]
-    if len(usable) < total:
-        raise ValueError(f"regeneration gave only {len(usable)} usable samples, {total} requested")
-    return usable[: cfg.num_samples], usable[cfg.num_samples : total], len(named) - total
+    usable = [t for t in tasks if t.num_supervised >= 2][:total]
+    return usable, (end - cfg.skip_samples) - len(usable), end
 
 
 def feature_identity(cfg: PrepareConfig, target_dir: Path, tokenizer, layer_ids: list[int]) -> dict[str, Any]:
@@ -202,10 +227,10 @@ def feature_identity(cfg: PrepareConfig, target_dir: Path, tokenizer, layer_ids:
     }
 
 
-def describe_features(identity, target_dir, tokenizer, hf_config, train, val, dropped, t2d) -> dict[str, Any]:
-    """Identity plus the facts a consumer needs (sizes, vocab file, draft-vocab coverage)."""
-    counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in train)
-    val_counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in val)
+def describe_features(identity, target_dir, tokenizer, hf_config, plan: TaskPlan, t2d) -> dict[str, Any]:
+    """Identity plus the facts a consumer needs (sizes, vocab file, draft-vocab coverage, corpus range)."""
+    counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in plan.train)
+    val_counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in plan.val)
     return {
         **identity,
         "format": "specforge-features",
@@ -215,7 +240,8 @@ def describe_features(identity, target_dir, tokenizer, hf_config, train, val, dr
         "vocab_size": len(tokenizer),
         "vocab_mapping": VOCAB_FILE,
         "draft_vocab_coverage": {"train": coverage(counts, t2d), "val": coverage(val_counts, t2d)},
-        "dropped_conversations": dropped,
+        "dropped_conversations": plan.dropped,
+        "corpus_end": plan.corpus_end,
     }
 
 
@@ -249,12 +275,13 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             str(target_dir), dtype=_dtype(cfg.compute_dtype), capture_dtype=_dtype(cfg.capture_dtype)
         )
         model = engine.model
-    train, val, dropped = build_tasks(cfg, tokenizer, model, out / "regenerated.jsonl")
+    plan = build_tasks(cfg, tokenizer, model, out / "regenerated.jsonl")
+    train, val = plan.train, plan.val
     counts = count_supervised_tokens((t.input_ids, t.loss_mask) for t in train)
     d2t, t2d = build_vocab_mapping(counts, len(tokenizer), cfg.draft_vocab_size)
     save_vocab_mapping(out / VOCAB_FILE, d2t, t2d)
     manifest = {
-        **describe_features(identity, target_dir, tokenizer, hf_config, train, val, dropped, t2d),
+        **describe_features(identity, target_dir, tokenizer, hf_config, plan, t2d),
         "complete": False,
         "splits": {},
     }

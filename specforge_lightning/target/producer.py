@@ -98,12 +98,13 @@ def plan_stream(cfg: PrepareConfig) -> StreamPlan:
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     hf_config = AutoConfig.from_pretrained(str(target_dir))
     layer_ids = resolve_layer_ids(cfg.layer_preset, hf_config.num_hidden_layers, cfg.layer_ids)
-    train, val, dropped = build_tasks(cfg, tokenizer)
+    plan = build_tasks(cfg, tokenizer)
+    train, val = plan.train, plan.val
     d2t, t2d = build_vocab_mapping(
         count_supervised_tokens((t.input_ids, t.loss_mask) for t in train), len(tokenizer), cfg.draft_vocab_size
     )
     identity = feature_identity(cfg, Path(target_dir), tokenizer, layer_ids)
-    manifest = describe_features(identity, target_dir, tokenizer, hf_config, train, val, dropped, t2d)
+    manifest = describe_features(identity, target_dir, tokenizer, hf_config, plan, t2d)
     missing = [k for k in IDENTITY_FIELDS if k not in manifest]
     assert not missing, f"stream manifest lacks identity fields {missing}"
     return StreamPlan(cfg, Path(target_dir), layer_ids, train, val, d2t, t2d, manifest)

@@ -34,35 +34,51 @@ def prompt_ids(tokenizer, messages: Sequence[dict], max_prompt_tokens: int) -> l
 
 @torch.no_grad()
 def greedy_responses(
-    model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int, pad_id: int, batch_size: int
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    batch_size: int,
+    progress: bool = True,
 ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (left-padded batches of similar length)."""
+    from rich.progress import Progress
+
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            p = prompts[i]
-            ids[row, width - len(p) :] = torch.tensor(p)
-            attn[row, width - len(p) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-        )[:, width:].cpu()
-        for row, i in enumerate(idx):
-            tokens = gen[row].tolist()
-            if eos_id in tokens:
-                tokens = tokens[: tokens.index(eos_id) + 1]
-            out[i] = tokens
+    with Progress(disable=not progress, transient=True) as bar:
+        job = bar.add_task("regenerate answers with the target", total=len(prompts))
+        for start in range(0, len(order), batch_size):
+            _generate_batch(model, prompts, order[start : start + batch_size], out, max_new_tokens, eos_id, pad_id, device)
+            bar.advance(job, min(batch_size, len(order) - start))
     return [o or [] for o in out]
+
+
+def _generate_batch(model, prompts, idx, out, max_new_tokens, eos_id, pad_id, device) -> None:
+    """Greedy-decode one left-padded batch; answers end at (and keep) the first end-of-turn token."""
+    width = max(len(prompts[i]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, i in enumerate(idx):
+        p = prompts[i]
+        ids[row, width - len(p) :] = torch.tensor(p)
+        attn[row, width - len(p) :] = 1
+    gen = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=attn.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )[:, width:].cpu()
+    for row, i in enumerate(idx):
+        tokens = gen[row].tolist()
+        if eos_id in tokens:
+            tokens = tokens[: tokens.index(eos_id) + 1]
+        out[i] = tokens
 
 
 def regenerate_tasks(

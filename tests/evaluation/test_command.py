@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from specforge_lightning import cli
-from specforge_lightning.data.corpus import load_conversations
 from specforge_lightning.evaluation.command import first_user_turn, held_out_skip, read_prompt_file
 from tests.export.test_export import make_checkpoint
 
@@ -32,11 +31,21 @@ KEYS = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path]:
+    from specforge_lightning.target.prepare import PrepareConfig, prepare
+
     root = tmp_path_factory.mktemp("evaluate")
     ckpt, _ = make_checkpoint(root)
+    fit = json.loads(json.dumps(FIT_CONFIG))
+    prep = fit["data"]["init_args"]["prepare"]
+    prep.update(output_dir=str(root / "feats"), capture_dtype="float32", compute_dtype="float32")
+    prepare(PrepareConfig(**prep), progress=False)  # held-out prompts start where this stopped reading
     config = root / "fit.yaml"
-    config.write_text(yaml.safe_dump(FIT_CONFIG))
+    config.write_text(yaml.safe_dump(fit))
     return ckpt, config
+
+
+def _prep_of(setup) -> dict:
+    return yaml.safe_load(setup[1].read_text())["data"]["init_args"]["prepare"]
 
 
 def run(config: Path, ckpt: Path | str, out: Path, *extra: str) -> dict:
@@ -55,7 +64,7 @@ def test_evaluate_on_held_out_prompts_writes_json_and_png(setup, tmp_path, capsy
     s = res["settings"]
     assert (s["num_draft_tokens"], s["temperature"], s["max_new_tokens"], s["dtype"], s["threads"]) == (
         3, 0.0, 8, "float32", 1)
-    assert len(s["chat_template_hash"]) == 64 and "held-out" in s["prompts"] and "from index 38" in s["prompts"]
+    assert len(s["chat_template_hash"]) == 64 and "held-out" in s["prompts"] and f"from index {held_out_skip(_prep_of(setup))}" in s["prompts"]
     assert res["draft"]["aux_layer_ids"] == [1, 3, 4] and res["draft"]["kind"] == "checkpoint"
     png = tmp_path / "al.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,14 +100,17 @@ def test_evaluate_refuses_a_foreign_checkpoint(setup, tmp_path):
     assert str(bad) in str(err.value.code)
 
 
-def test_held_out_prompts_start_after_everything_prepare_could_read():
-    # prepare reads total + max(8, total // 10) conversations from skip_samples.
-    assert held_out_skip({"num_samples": 24, "num_val_samples": 4, "skip_samples": 2}) == 2 + 28 + 8
-    assert held_out_skip({"num_samples": 200, "num_val_samples": 20}) == 220 + 22
-    skip = held_out_skip({"num_samples": 3, "num_val_samples": 1})
-    used = load_conversations("sharegpt", limit=4 + 8, skip=0)
-    held = load_conversations("sharegpt", limit=2, skip=skip)
-    assert held[0] == load_conversations("sharegpt", limit=13, skip=0)[12] and held[0] not in used
+def test_held_out_prompts_start_where_prepare_stopped_reading(setup, tmp_path):
+    """Held-out prompts never come from a conversation prepare read, used or dropped."""
+    from specforge_lightning.target.prepare import read_manifest
+
+    prep = _prep_of(setup)
+    manifest = read_manifest(prep["output_dir"])
+    skip = held_out_skip(prep)
+    assert skip == manifest["corpus_end"]
+    assert skip >= prep.get("skip_samples", 0) + prep["num_samples"] + prep["num_val_samples"]
+    with pytest.raises(SystemExit, match="corpus_end"):
+        held_out_skip({**prep, "output_dir": str(tmp_path / "nothing")})
 
 
 def test_prompt_file_formats(tmp_path):
