@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import lightning as L
 
+from specforge_lightning.algorithms.dflash import DFlashModule
+from specforge_lightning.algorithms.domino import DominoModule
 from specforge_lightning.algorithms.eagle3 import Eagle3Module
 from specforge_lightning.contracts import StrategySpec
 
 ALGORITHMS: dict[str, type[L.LightningModule]] = {
     "eagle3": Eagle3Module,
+    "dflash": DFlashModule,
+    "domino": DominoModule,
 }
 
 

@@ -12,7 +12,12 @@ import math
 import pytest
 import torch
 
-from specforge_lightning.algorithms.eagle3.loss import compute_teacher, eagle3_loss, effective_loss_mask
+from specforge_lightning.algorithms.eagle3.loss import (
+    compute_teacher,
+    eagle3_loss,
+    effective_loss_mask,
+    later_scored_rows,
+)
 from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft
 
 B, S, H, V, VD = 2, 10, 32, 50, 20
@@ -62,7 +67,7 @@ def make_case(seed: int = 0):
         "aux_hidden_states": torch.randn(B, S, 3 * H, generator=g) * attention_mask[..., None],
         "last_hidden_state": torch.randn(B, S, H, generator=g) * attention_mask[..., None],
     }
-    batch["loss_mask"][0, :2] = 0  # an unsupervised prompt prefix
+    batch["loss_mask"][0, :4] = 0  # an unsupervised prompt prefix
     return draft, head, batch
 
 
@@ -185,7 +190,8 @@ def fast_loss(draft, head, batch, K, normalize="positions", sparse=False):
     mask = effective_loss_mask(batch["loss_mask"], batch["attention_mask"])
     teacher = compute_teacher(batch["last_hidden_state"], head, draft.t2d, mask)
     steps = draft.ttt_forward(
-        batch["input_ids"], batch["aux_hidden_states"], batch["attention_mask"], K, with_logits=not sparse
+        batch["input_ids"], batch["aux_hidden_states"], batch["attention_mask"], K, with_logits=not sparse,
+        later_rows=later_scored_rows(mask, K) if sparse else None,
     )
     if sparse:
         hidden = [h for _, h in steps]
@@ -205,6 +211,8 @@ def test_loss_and_grads_match_naive_reference(K, sparse):
         grads[n] = p.grad.clone()
         p.grad = None
 
+    if sparse:  # the later TTT steps really skip rows here
+        assert not later_scored_rows(effective_loss_mask(batch["loss_mask"], batch["attention_mask"]), K).all()
     out, teacher = fast_loss(draft, head, batch, K, sparse=sparse)
     out.loss.backward()
     # The case really exercises out-of-draft-vocab teachers and masked positions.

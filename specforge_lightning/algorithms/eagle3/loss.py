@@ -59,6 +59,14 @@ def effective_loss_mask(loss_mask: torch.Tensor, attention_mask: torch.Tensor | 
     return mask
 
 
+def later_scored_rows(loss_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """(B,S) bool: positions t that some TTT step k >= 1 scores, i.e. loss_mask[t + k] for a k in 1..length-1."""
+    rows = torch.zeros_like(loss_mask, dtype=torch.bool)
+    for k in range(1, length):
+        rows |= shift_left(loss_mask, k).bool()
+    return rows
+
+
 @torch.no_grad()
 def compute_teacher(
     last_hidden: torch.Tensor,

@@ -177,6 +177,34 @@ class _TTTAttend:
         )
 
 
+class _RowSubset:
+    """The same few positions of every sample, gathered into a (B, T') layout and scattered back.
+
+    Rows are right-padded to the longest selection with position 0; padded rows
+    compute garbage that ``put`` never writes back.
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        B, S = mask.shape
+        counts = mask.sum(1)
+        width = max(1, int(counts.max()))
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # selected positions first, in order
+        self.index = order[:, :width]  # (B, T')
+        self.valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+        self.flat = (self.index + S * torch.arange(B, device=mask.device)[:, None])[self.valid]
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` (B, S, ...) at the selected positions: (B, T', ...)."""
+        idx = self.index.view(*self.index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return torch.gather(x, 1, idx)
+
+    def put(self, x: torch.Tensor, S: int) -> torch.Tensor:
+        """Scatter (B, T', H) rows back into a zero (B, S, H) tensor."""
+        B, _, H = x.shape
+        out = x.new_zeros(B * S, H)
+        return out.index_copy(0, self.flat, x[self.valid]).view(B, S, H)
+
+
 @dataclass
 class Eagle3Cache:
     """KV cache of the draft's single layer: keys (RoPE applied) and values, (B, kv, length, d)."""
@@ -325,6 +353,7 @@ class Eagle3Draft(nn.Module):
         length: int = 7,
         position_ids: torch.Tensor | None = None,
         with_logits: bool = True,
+        later_rows: torch.Tensor | None = None,
     ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
         """Unroll ``length`` TTT steps; returns ``[(logits_k (B,S,Vd), hidden_k (B,S,H))]``.
 
@@ -335,6 +364,12 @@ class Eagle3Draft(nn.Module):
         position t (shift 1+k, zero-padded), next to hidden ``fc(aux)_t`` (k=0) or
         step k-1's pre-norm output at t (k>0), with RoPE position ``position_ids + k``.
         ``attention_mask`` (B,S) masks padded keys; queries are causal.
+
+        ``later_rows`` (B,S) bool, optional: the positions any step k >= 1 will be
+        scored at. Steps k >= 1 only read step-0 keys and their own position's
+        keys, so they are computed at these rows alone (prompts and padding are
+        skipped) and the other rows of ``hidden_k`` are zero. Exact for every
+        scored position; the loss must not read the others.
         """
         B, S = input_ids.shape
         device = input_ids.device
@@ -343,14 +378,26 @@ class Eagle3Draft(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(S, device=device).expand(B, S)
         causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
-        attend = _TTTAttend(causal[None] & attention_mask.bool()[:, None, :])
+        allowed = causal[None] & attention_mask.bool()[:, None, :]
+        attend = _TTTAttend(allowed)
         hidden = self.project_aux(aux_hidden)
-        outputs = []
-        for k in range(length):
-            emb = self._embed(shift_left(input_ids, 1 + k))
+        emb = self._embed(shift_left(input_ids, 1))
+        cos, sin = self._rope(position_ids, hidden.dtype)
+        hidden = self.midlayer(emb, hidden, cos, sin, attend)
+        outputs = [(self.compute_logits(hidden) if with_logits else None, hidden)]
+        if length == 1:
+            return outputs
+        rows = _RowSubset(later_rows) if later_rows is not None else None
+        if rows is not None:
+            hidden, position_ids = rows.take(hidden), rows.take(position_ids)
+            attend.allowed = rows.take(allowed)
+        for k in range(1, length):
+            ids = shift_left(input_ids, 1 + k)
+            emb = self._embed(rows.take(ids) if rows is not None else ids)
             cos, sin = self._rope(position_ids + k, hidden.dtype)
             hidden = self.midlayer(emb, hidden, cos, sin, attend)
-            outputs.append((self.compute_logits(hidden) if with_logits else None, hidden))
+            full = rows.put(hidden, S) if rows is not None else hidden
+            outputs.append((self.compute_logits(full) if with_logits else None, full))
         return outputs
 
     # ---- inference

@@ -29,6 +29,7 @@ from specforge_lightning.algorithms.eagle3.loss import (
     compute_teacher,
     eagle3_loss,
     effective_loss_mask,
+    later_scored_rows,
 )
 from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft, target_keys_for_init
 from specforge_lightning.contracts import FeatureContext, StrategySpec
@@ -196,8 +197,14 @@ class Eagle3Module(L.LightningModule):
         teacher = compute_teacher(
             t["last_hidden_state"], self.teacher_head, self.draft.t2d, mask, self.hparams.teacher_chunk_size
         )
+        length = self.hparams.ttt_length
         steps = self.draft.ttt_forward(
-            input_ids, t["aux_hidden_states"], attention_mask, self.hparams.ttt_length, with_logits=False
+            input_ids,
+            t["aux_hidden_states"],
+            attention_mask,
+            length,
+            with_logits=False,
+            later_rows=later_scored_rows(mask, length),
         )
         return eagle3_loss(
             [hidden for _, hidden in steps],

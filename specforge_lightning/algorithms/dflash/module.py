@@ -1,0 +1,337 @@
+"""DFlash as a LightningModule: anchors, the block forward, the CE / D-PACE loss and block acceptance.
+
+Global loss normalisation (upstream: gradients are normalised by the denominator
+summed over all ranks and all accumulation micro-steps). ``training_step``
+returns the *numerator* of its micro-batch and adds its denominator to a running
+sum; ``on_before_optimizer_step`` (which Lightning calls after the last backward
+of the optimizer step, after AMP unscaling and before gradient clipping)
+all-reduces that sum to ``D`` and multiplies every gradient by ``W·A / D``
+(W = world size, whose mean DDP/FSDP already took; A = accumulate_grad_batches,
+which Lightning already divided the loss by). The gradient is then exactly
+``∇ Σ numerators / Σ denominators`` over the whole optimizer step, independent
+of how the tokens are spread across ranks and micro-batches. The logged
+``train/loss`` is the ratio of the step's counts summed across ranks.
+
+Anchors are drawn from generators seeded by ``(anchor_seed, global_step,
+sample_id)``, so a resumed run draws the same anchors as an uninterrupted one,
+on any world size. Validation uses step -1: fixed anchors per sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torchmetrics import Metric
+
+from specforge_lightning.algorithms.common import (
+    build_adamw_cosine,
+    load_target_tensors,
+    read_target_config,
+    target_head_name,
+)
+from specforge_lightning.algorithms.dflash.loss import (
+    LOSS_TYPES,
+    BlockCounts,
+    DFlashLossOutput,
+    anchor_seed,
+    block_labels,
+    dflash_loss,
+    sample_anchors,
+)
+from specforge_lightning.algorithms.dflash.model import DFlashConfig, DFlashDraft
+from specforge_lightning.contracts import FeatureContext, StrategySpec
+
+CHECKPOINT_KEY = "dflash"
+VAL_STEP = -1
+
+
+def resolve_mask_token_id(target_dir: str | Path, vocab_size: int, explicit: int | None = None) -> int:
+    """The MASK id (reference §4.7): explicit > tokenizer mask > first unused embedding row > pad > eos > unk."""
+    if explicit is not None:
+        candidate: int | None = int(explicit)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(target_dir))
+        unused = len(tok) if len(tok) < vocab_size else None
+        options = (tok.mask_token_id, unused, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id)
+        candidate = next((int(c) for c in options if c is not None), None)
+    if candidate is None or not 0 <= candidate < vocab_size:
+        raise ValueError(f"no usable MASK token id for {target_dir} (got {candidate}, embedding vocab {vocab_size})")
+    return candidate
+
+
+class BlockAcceptanceMetric(Metric):
+    """Block-drafting counts and a loss ratio, all sum-reduced across ranks before any ratio is formed.
+
+    ``compute()`` → ``acc_k`` (P,), pooled ``acc``, ``acceptance_length`` (mean over real
+    blocks of leading-correct + 1: the bonus token counted, as for EAGLE3) and ``loss``.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(self, num_positions: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_positions = num_positions
+        self.add_state("correct", default=torch.zeros(num_positions, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(num_positions, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("accepted", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("blocks", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("loss_num", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("loss_den", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, counts: BlockCounts, numerator: torch.Tensor, denominator: torch.Tensor) -> None:
+        if counts.correct.shape != (self.num_positions,):
+            raise ValueError(f"expected {self.num_positions} positions, got {tuple(counts.correct.shape)}")
+        self.correct += counts.correct.detach().long()
+        self.total += counts.total.detach().long()
+        self.accepted += counts.accepted.detach().long()
+        self.blocks += counts.blocks.detach().long()
+        self.loss_num += numerator.detach().double()
+        self.loss_den += denominator.detach().double()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {
+            "acc_k": self.correct.double() / self.total.clamp_min(1).double(),
+            "acc": self.correct.sum().double() / self.total.sum().clamp_min(1).double(),
+            "acceptance_length": self.accepted.double() / self.blocks.clamp_min(1).double(),
+            "loss": self.loss_num / self.loss_den.clamp_min(1e-12),
+        }
+
+
+def _context_to_dict(ctx: FeatureContext) -> dict[str, Any]:
+    d = dataclasses.asdict(ctx)
+    d["layer_ids"] = list(ctx.layer_ids)
+    d["manifest"] = dict(ctx.manifest)
+    return d
+
+
+def _context_from_dict(d: Mapping[str, Any]) -> FeatureContext:
+    return FeatureContext(**{**d, "layer_ids": tuple(d["layer_ids"])})
+
+
+class DFlashModule(L.LightningModule):
+    """Train a DFlash block draft (upstream defaults: 1 layer, block 16, 512 anchors, lr 6e-4).
+
+    Args:
+        num_layers: draft decoder layers.
+        block_size: tokens per block (anchor + block_size-1 MASK slots).
+        num_anchors: anchors drawn per sample (at most; fewer when fewer are valid).
+        loss_type: ``dflash`` (CE) or a D-PACE variant (``dpace``,
+            ``dpace-cumulative-confidence-only``, ``dpace-continuation-value-only``).
+        loss_decay_gamma: position decay ``exp(-(j-1)/γ)`` for the CE loss (None = off; recipes 7.0).
+        dpace_alpha: D-PACE α.
+        mask_token_id: MASK id; None resolves it from the target's tokenizer (reference §4.7).
+        qk_norm: per-head q/k RMSNorm; None follows the target (on for Qwen3).
+        anchor_seed: seed of the anchor draws (with the step and the sample id).
+        objective_chunk_rows: scored rows whose full-vocab logits exist at once (0 = all).
+        lr, weight_decay, betas, warmup_ratio, min_lr_ratio: AdamW + warmup/cosine per optimizer step.
+        frozen_dtype: storage dtype of the frozen embedding and head (None: as in the target files).
+    """
+
+    strategy_spec: ClassVar[StrategySpec] = StrategySpec(
+        name="dflash",
+        features=("input_ids", "loss_mask", "aux_hidden_states"),
+        min_supervised_run=2,
+        layer_preset="spread:5",
+        loss=dflash_loss,
+    )
+    checkpoint_key: ClassVar[str] = CHECKPOINT_KEY
+    label_shift: ClassVar[int] = 0
+
+    def __init__(
+        self,
+        num_layers: int = 1,
+        block_size: int = 16,
+        num_anchors: int = 512,
+        loss_type: str = "dflash",
+        loss_decay_gamma: float | None = None,
+        dpace_alpha: float = 0.5,
+        mask_token_id: int | None = None,
+        qk_norm: bool | None = None,
+        anchor_seed: int = 0,
+        objective_chunk_rows: int = 2048,
+        lr: float = 6e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.04,
+        min_lr_ratio: float = 0.0,
+        frozen_dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {block_size}")
+        self.save_hyperparameters()
+        self._init_common()
+
+    def _init_common(self) -> None:
+        self.draft: DFlashDraft | None = None
+        self.draft_config: DFlashConfig | None = None
+        self.context: FeatureContext | None = None
+        P = self.num_positions
+        self.train_acceptance = BlockAcceptanceMetric(P, dist_sync_on_step=True)
+        self.val_acceptance = BlockAcceptanceMetric(P)
+        self._den_accum = torch.zeros((), dtype=torch.float64)
+
+    @property
+    def num_positions(self) -> int:
+        """Predicted positions per block: bs-1 (the anchor slot is not scored), bs with shifted labels."""
+        return self.hparams.block_size - 1 + self.label_shift
+
+    # ------------------------------------------------------------------ building
+
+    def make_config(self, target_cfg: Mapping[str, Any], context: FeatureContext) -> DFlashConfig:
+        hp = self.hparams
+        mask_id = resolve_mask_token_id(context.target_dir, int(target_cfg["vocab_size"]), hp.mask_token_id)
+        return DFlashConfig.from_target_config(
+            target_cfg, context.layer_ids, mask_id, hp.num_layers, hp.block_size, hp.qk_norm
+        )
+
+    def make_draft(self, config: DFlashConfig) -> DFlashDraft:
+        return DFlashDraft(config)
+
+    def build(self, context: FeatureContext) -> None:
+        """Create the draft for ``context``'s target and attach its frozen embedding and head."""
+        target_cfg = read_target_config(context.target_dir)
+        config = self.make_config(target_cfg, context)
+        if config.hidden_size != context.hidden_size or config.vocab_size != context.vocab_size:
+            raise ValueError(
+                f"feature context (hidden {context.hidden_size}, vocab {context.vocab_size}) does not match "
+                f"the target config in {context.target_dir} ({config.hidden_size}, {config.vocab_size})"
+            )
+        self._build(context, config, target_cfg)
+
+    def _build(self, context: FeatureContext, config: DFlashConfig, target_cfg: Mapping[str, Any]) -> None:
+        draft = self.make_draft(config)
+        head_name = target_head_name(target_cfg)
+        dtype = getattr(torch, self.hparams.frozen_dtype) if self.hparams.frozen_dtype else None
+        tensors = load_target_tensors(context.target_dir, ["model.embed_tokens.weight", head_name], dtype=dtype)
+        if head_name not in tensors:  # untied config but no separate head in the files
+            head_name = "model.embed_tokens.weight"
+        draft.set_target_weights(tensors["model.embed_tokens.weight"], tensors[head_name])
+        self.draft = draft.to(self.device)
+        # Frozen tensors are identical on every rank: keep DDP from re-broadcasting them.
+        self._ddp_params_and_buffers_to_ignore = ["draft.embed_tokens.weight", "draft.lm_head.weight"]
+        self.draft_config, self.context = config, context
+
+    def setup(self, stage: str) -> None:
+        if self.draft is not None:
+            return
+        context = getattr(getattr(self.trainer, "datamodule", None), "feature_context", None)
+        if context is None:
+            raise RuntimeError(f"{type(self).__name__} needs trainer.datamodule.feature_context (or build(context))")
+        self.build(context)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.draft is None:
+            raise RuntimeError(f"cannot checkpoint a {type(self).__name__} that was never built")
+        checkpoint[self.checkpoint_key] = {
+            "format": 1,
+            "feature_context": _context_to_dict(self.context),
+            "draft_config": self.draft_config.to_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint[self.checkpoint_key]
+        config = self._config_class().from_dict(meta["draft_config"])
+        if self.draft is None:
+            context = _context_from_dict(meta["feature_context"])
+            self._build(context, config, read_target_config(context.target_dir))
+        elif self.draft_config != config:
+            raise ValueError(f"checkpoint draft config {config} differs from the built draft {self.draft_config}")
+
+    @staticmethod
+    def _config_class() -> type[DFlashConfig]:
+        return DFlashConfig
+
+    # ------------------------------------------------------------------ the step
+
+    @staticmethod
+    def _tensors(batch: Any) -> dict[str, torch.Tensor]:
+        return batch.tensors if hasattr(batch, "tensors") else batch
+
+    def anchors_for(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anchors (B, N) and keep (B, N) for a batch, seeded per sample by (anchor_seed, step, sample id)."""
+        t = self._tensors(batch)
+        B = t["input_ids"].shape[0]
+        ids = list(getattr(batch, "sample_ids", None) or [f"#{i}" for i in range(B)])
+        seeds = [anchor_seed(self.hparams.anchor_seed, step, sid) for sid in ids]
+        return sample_anchors(t["loss_mask"], self.hparams.num_anchors, seeds, t.get("attention_mask"))
+
+    def compute_loss(self, batch: Any, step: int | None = None) -> DFlashLossOutput:
+        """Loss terms and block counts for a ``TrainBatch`` (or its tensor dict); ``step`` seeds the anchors."""
+        t = self._tensors(batch)
+        hp = self.hparams
+        step = self.global_step if step is None else step
+        input_ids, loss_mask = t["input_ids"], t["loss_mask"]
+        if t.get("attention_mask") is not None:
+            loss_mask = loss_mask * t["attention_mask"]
+        anchors, keep = self.anchors_for(batch, step)
+        hidden = self.draft(input_ids, t["aux_hidden_states"], anchors, keep)
+        labels, w = block_labels(input_ids, loss_mask, anchors, keep, hp.block_size, shift=0)
+        return dflash_loss(
+            hidden[:, :, 1:], labels, w, keep, self.draft.logits,
+            loss_type=hp.loss_type, gamma=hp.loss_decay_gamma, alpha=hp.dpace_alpha, chunk=hp.objective_chunk_rows,
+        )
+
+    def forward(self, batch: Any) -> DFlashLossOutput:
+        return self.compute_loss(batch)
+
+    def _log_train(self, out: DFlashLossOutput, bs: int) -> None:
+        pooled = self.train_acceptance(out.counts, out.numerator, out.denominator)  # this step, summed over ranks
+        self.log("train/loss", pooled["loss"].float(), prog_bar=True, batch_size=bs)
+        self.log("train/acceptance_length", pooled["acceptance_length"].float(), prog_bar=True, batch_size=bs)
+        for k in range(self.num_positions):
+            self.log(f"train/acc_{k}", pooled["acc_k"][k].float(), batch_size=bs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self.compute_loss(batch)
+        self._log_train(out, int(self._tensors(batch)["input_ids"].shape[0]))
+        self._den_accum = self._den_accum.to(out.denominator.device) + out.denominator.detach().double()
+        return out.numerator  # normalised by the global denominator in on_before_optimizer_step
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        total = self.trainer.strategy.reduce(self._den_accum.to(self.device), reduce_op="sum")
+        scale = self.trainer.world_size * self.trainer.accumulate_grad_batches / total.clamp_min(1e-12)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
+        self._den_accum = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def on_train_epoch_start(self) -> None:
+        self.train_acceptance.reset()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        out = self.compute_loss(batch, step=VAL_STEP)
+        self.val_acceptance.update(out.counts, out.numerator, out.denominator)
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_acceptance.compute()  # states are summed across ranks first
+        self.val_acceptance.reset()
+        self.log("val/loss", result["loss"].float(), sync_dist=True)
+        self.log("val/acceptance_length", result["acceptance_length"].float(), prog_bar=True, sync_dist=True)
+        self.log("val/acc", result["acc"].float(), sync_dist=True)
+        for k, a in enumerate(result["acc_k"]):
+            self.log(f"val/acc_{k}", a.float(), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return build_adamw_cosine(
+            self.draft.parameters(),
+            lr=hp.lr,
+            total_steps=self.trainer.estimated_stepping_batches,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            warmup_ratio=hp.warmup_ratio,
+            min_lr_ratio=hp.min_lr_ratio,
+        )

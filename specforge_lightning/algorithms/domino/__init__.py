@@ -1,0 +1,7 @@
+"""Domino: DFlash with a GRU logit correction over the previous tokens."""
+
+from specforge_lightning.algorithms.domino.loss import DominoLossOutput, domino_loss, lambda_base
+from specforge_lightning.algorithms.domino.model import DominoConfig, DominoDraft
+from specforge_lightning.algorithms.domino.module import DominoModule
+
+__all__ = ["DominoConfig", "DominoDraft", "DominoLossOutput", "DominoModule", "domino_loss", "lambda_base"]
