@@ -198,7 +198,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     from specforge_lightning.data.chat import template_hash
     from specforge_lightning.evaluation.report import format_summary, write_report
     from specforge_lightning.evaluation.speculative import run_speculative_eval
-    from specforge_lightning.export.loading import DraftLoadError, load_draft
+    from specforge_lightning.export.loading import DraftLoadError, load_draft, load_module_draft
     from specforge_lightning.target.prepare import PrepareConfig
     from specforge_lightning.target.zoo import load_target, resolve_target
 
@@ -215,7 +215,9 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     try:
-        loaded = load_draft(ns.ckpt_path, target_dir=str(target_dir), trusted=ns.trust_checkpoint)
+        loaded = load_module_draft(ns.ckpt_path, trusted=ns.trust_checkpoint) or load_draft(
+            ns.ckpt_path, target_dir=str(target_dir), trusted=ns.trust_checkpoint
+        )
     except DraftLoadError as e:
         raise SystemExit(f"evaluate: {e}") from None
     if not loaded.has_embedding:
@@ -238,6 +240,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
             p.data = p.data.to(DTYPES[ns.draft_dtype])
     model.to(device)
     draft.to(device)
+    drafter = draft.make_drafter() if hasattr(draft, "make_drafter") else None  # None: EAGLE3 chain drafting
 
     if ns.prompts:
         prompts = [prompt_ids(tokenizer, conv) for conv in read_prompt_file(ns.prompts)[: ns.num_prompts]]
@@ -254,10 +257,11 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         max_new_tokens=ns.max_new_tokens,
         eos_ids=eos_ids(tokenizer, model),
         warmup=not ns.no_warmup,
+        drafter=drafter,
     )
     result["settings"] = {
         "num_draft_tokens": ns.num_draft_tokens,
-        "drafting": "chain (top-1), verify k+1 tokens per target forward",
+        "drafting": getattr(drafter, "description", "chain (top-1), verify k+1 tokens per target forward"),
         "temperature": 0.0,
         "max_new_tokens": ns.max_new_tokens,
         "prompts": desc,

@@ -346,7 +346,8 @@ def run_speculative_eval(
 
     Both decodes of a prompt run back to back, so load changes hit both alike.
     ``drafter`` defaults to ``Eagle3Drafter(draft)``; the teacher-forced accuracy
-    always uses ``draft``.
+    uses the drafter's own ``teacher_forced_counts`` when it has one (block
+    drafters), else ``draft``'s TTT steps.
     """
     if num_draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("num_draft_tokens and max_new_tokens must be >= 1")
@@ -373,7 +374,10 @@ def run_speculative_eval(
             lambda: speculative_generate(hooked, drafter, prompt, k, max_new_tokens, eos_ids), device
         )
         traces.append(trace)
-        c, t = teacher_forced_counts(hooked, draft, prompt, reference, k)
+        if hasattr(drafter, "teacher_forced_counts"):  # drafters that are not EAGLE3 chains score themselves
+            c, t = drafter.teacher_forced_counts(hooked, prompt, reference, k)
+        else:
+            c, t = teacher_forced_counts(hooked, draft, prompt, reference, k)
         tf_correct = [a + b for a, b in zip(tf_correct, c)]
         tf_total = [a + b for a, b in zip(tf_total, t)]
         per_prompt.append(
@@ -406,7 +410,7 @@ def run_speculative_eval(
         "acceptance_length": emitted / steps if steps else None,
         "acceptance_length_definition": ACCEPTANCE_LENGTH_DEFINITION,
         "simulated_acceptance_length": simulated_acceptance_length(tf_acc),
-        "simulated_acceptance_length_definition": SIMULATED_DEFINITION,
+        "simulated_acceptance_length_definition": getattr(drafter, "simulated_definition", SIMULATED_DEFINITION),
         "teacher_forced_accuracy": tf_acc,
         "teacher_forced_counts": {"correct": tf_correct, "total": tf_total},
         "per_position_acceptance": rates,

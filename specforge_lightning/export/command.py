@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 import torch
@@ -25,12 +26,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _module_export(ns: argparse.Namespace, dtype: torch.dtype | None) -> str | None:
+    """A checkpoint of a registered algorithm whose module has ``export_hf`` (DFlash family) exports itself."""
+    from specforge_lightning.algorithms.registry import ALGORITHMS
+    from specforge_lightning.export.loading import read_checkpoint
+
+    ckpt = read_checkpoint(ns.ckpt_path, trusted=ns.trust_checkpoint)
+    for cls in ALGORITHMS.values():
+        if getattr(cls, "checkpoint_key", None) in ckpt and hasattr(cls, "export_hf"):
+            module = cls.load_from_checkpoint(ns.ckpt_path, map_location="cpu", weights_only=not ns.trust_checkpoint)
+            return str(module.export_hf(ns.output_dir, dtype))
+    return None
+
+
 def main(args: Sequence[str] | None = None) -> None:
     ns = build_parser().parse_args(None if args is None else list(args))
+    dtype = DTYPES[ns.dtype] if ns.dtype else None
+    if ns.format == "hf" and os.path.isfile(ns.ckpt_path):
+        try:
+            out = _module_export(ns, dtype)
+        except (DraftLoadError, ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"export: {e}") from None
+        if out is not None:
+            print(f"exported {ns.ckpt_path} as hf to {out}")
+            return
     from specforge_lightning.export.hf import export_hf
     from specforge_lightning.export.sglang import export_sglang
 
-    dtype = DTYPES[ns.dtype] if ns.dtype else None
     try:
         loaded = load_draft(
             ns.ckpt_path, target_dir=ns.target_dir, with_embedding=ns.format == "hf", trusted=ns.trust_checkpoint

@@ -269,6 +269,40 @@ def load_draft(
     return load_checkpoint(p, with_embedding=with_embedding, target_dir=target_dir, trusted=trusted)
 
 
+def load_module_draft(path: str | Path, *, trusted: bool = False) -> LoadedDraft | None:
+    """A draft of a registered algorithm whose module reads it back itself (``load_export``: DFlash family).
+
+    A checkpoint is rebuilt with the module's ``load_from_checkpoint`` (its frozen
+    target weights come from the target folder recorded there); an exported folder
+    with ``load_export``. ``None`` when ``path`` is not such a draft (EAGLE3: use ``load_draft``).
+    """
+    from dataclasses import asdict
+
+    from specforge_lightning.algorithms.registry import ALGORITHMS
+
+    p = Path(path)
+    if p.is_dir():
+        cfg = read_export_config(p)
+        cls = ALGORITHMS.get(str(cfg.get("algorithm")))
+        if cls is None or not hasattr(cls, "load_export"):
+            return None
+        try:
+            draft, cfg = cls.load_export(p)
+        except (ValueError, KeyError, OSError, SafetensorError) as e:
+            raise DraftLoadError(f"{p}: cannot read the {cfg.get('algorithm')} export ({e})") from e
+        return LoadedDraft(draft, draft.config, str(p), "hf", _essentials(cfg.get("feature_context") or {}), True)
+    ckpt = read_checkpoint(p, trusted=trusted)
+    for cls in ALGORITHMS.values():
+        if getattr(cls, "checkpoint_key", None) in ckpt and hasattr(cls, "load_export"):
+            try:
+                module = cls.load_from_checkpoint(p, map_location="cpu", weights_only=not trusted)
+            except (ValueError, KeyError, OSError, RuntimeError) as e:
+                raise DraftLoadError(f"{p}: cannot rebuild the {cls.checkpoint_key} draft ({e})") from e
+            draft = module.draft.eval().requires_grad_(False)
+            return LoadedDraft(draft, draft.config, str(p), "checkpoint", _essentials(asdict(module.context)), True)
+    return None
+
+
 __all__ = [
     "DraftLoadError",
     "LoadedDraft",
@@ -277,5 +311,6 @@ __all__ = [
     "load_checkpoint",
     "load_draft",
     "load_exported",
+    "load_module_draft",
     "read_checkpoint",
 ]

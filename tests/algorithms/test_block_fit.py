@@ -6,7 +6,10 @@ import csv
 
 import pytest
 
+import torch
+
 from specforge_lightning.algorithms.dflash import DFlashModule
+from specforge_lightning.algorithms.dflash.export import load_hf
 from specforge_lightning.algorithms.domino import DominoModule
 from specforge_lightning.cli import main
 
@@ -38,3 +41,9 @@ def test_tiny_fit_loss_decreases(tmp_path, name, cls):
     assert ckpt.exists()
     back = cls.load_from_checkpoint(ckpt)
     assert back.draft_config.target_layer_ids == (1, 3, 5)  # spread:3 on the 8-layer tiny target
+
+    main(["export", "--ckpt_path", str(ckpt), "--format", "hf", "--output_dir", str(tmp_path / "hf")])
+    draft, cfg = load_hf(tmp_path / "hf")
+    assert cfg["algorithm"] == name and cfg["block_size"] == 4 and cfg["dflash_config"]["target_layer_ids"] == [1, 3, 5]
+    for k, v in back.draft.export_state_dict().items():
+        assert torch.equal(draft.export_state_dict()[k], v), k

@@ -73,6 +73,19 @@ class DFlashConfig:
     def num_target_layers(self) -> int:
         return len(self.target_layer_ids)
 
+    # The names the evaluation harness reads from any draft config (EAGLE3's has them as fields).
+    @property
+    def aux_layer_ids(self) -> tuple[int, ...]:
+        return self.target_layer_ids
+
+    @property
+    def target_hidden_size(self) -> int:
+        return self.hidden_size
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.vocab_size
+
     @classmethod
     def from_target_config(
         cls,
@@ -336,6 +349,12 @@ class DFlashDraft(nn.Module):
         for layer in self.layers:
             h = layer(h, ctx, rope_blk, rope_ctx, ctx_allowed)
         return h
+
+    def make_drafter(self) -> Any:
+        """A ``BlockDrafter`` for ``evaluate``'s speculative decoding (one forward proposes a block)."""
+        from specforge_lightning.algorithms.dflash.drafter import BlockDrafter
+
+        return BlockDrafter(self)
 
     def export_state_dict(self, include_frozen: bool = True) -> dict[str, torch.Tensor]:
         """Trainable tensors plus (if asked) the frozen ``embed_tokens.weight`` and ``lm_head.weight``."""

@@ -324,6 +324,23 @@ class DFlashModule(L.LightningModule):
         for k, a in enumerate(result["acc_k"]):
             self.log(f"val/acc_{k}", a.float(), sync_dist=True)
 
+    def export_hf(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write a self-contained HF-style folder (frozen embedding and head included); see ``dflash.export``."""
+        from specforge_lightning.algorithms.dflash.export import export_hf
+
+        if self.draft is None:
+            raise RuntimeError(f"cannot export a {type(self).__name__} that was never built")
+        keep = ("target_id", "layer_ids", "hidden_size", "vocab_size", "capture_dtype", "max_length")
+        context = {k: v for k, v in _context_to_dict(self.context).items() if k in keep}
+        return export_hf(self.draft, out_dir, self.checkpoint_key, context, dtype)
+
+    @staticmethod
+    def load_export(folder: str | Path) -> tuple[DFlashDraft, dict[str, Any]]:
+        """Read back a folder written by ``export_hf`` (self-contained); ``(draft, config.json dict)``."""
+        from specforge_lightning.algorithms.dflash.export import load_hf
+
+        return load_hf(folder)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         return build_adamw_cosine(
