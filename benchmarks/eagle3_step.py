@@ -19,7 +19,9 @@ import torch
 
 from specforge_lightning.algorithms.eagle3 import Eagle3Module
 from specforge_lightning.data.datamodule import FeatureDataModule
-from specforge_lightning.target.prepare import PrepareConfig
+from specforge_lightning.target.prepare import PrepareConfig, read_manifest
+
+PREPARE_FIELDS = set(PrepareConfig.__dataclass_fields__) - {"output_dir"}
 
 
 def peak_rss_mb() -> float:
@@ -45,8 +47,8 @@ def median(xs: list[float]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--features", default="outputs/features/eagle3-smollm2")
-    p.add_argument("--num_samples", type=int, default=1200)
-    p.add_argument("--num_val_samples", type=int, default=60)
+    p.add_argument("--num_samples", type=int, default=200, help="when the features must be captured first")
+    p.add_argument("--num_val_samples", type=int, default=20)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--ttt_length", type=int, default=7)
@@ -54,7 +56,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    prep = PrepareConfig(output_dir=args.features, num_samples=args.num_samples, num_val_samples=args.num_val_samples)
+    manifest = read_manifest(args.features)
+    if manifest is None:  # capture a default set first
+        prep = PrepareConfig(output_dir=args.features, num_samples=args.num_samples, num_val_samples=args.num_val_samples)
+    else:  # reuse prepared features as they are (e.g. the quickstart's)
+        prep = PrepareConfig(output_dir=args.features, **{k: v for k, v in manifest.items() if k in PREPARE_FIELDS})
     dm = FeatureDataModule(prep, batch_size=args.batch_size, prefetch=2)
     dm.prepare_data()
     dm.setup("fit")
