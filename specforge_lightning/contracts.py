@@ -191,3 +191,14 @@ class FeatureContext:
     capture_dtype: str = "bfloat16"
     max_length: int = 0
     manifest: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict, e.g. for a checkpoint (rebuilding a draft needs no datamodule)."""
+        d = dataclasses.asdict(self)
+        d["layer_ids"] = list(self.layer_ids)
+        d["manifest"] = dict(self.manifest)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureContext:
+        return cls(**{**d, "layer_ids": tuple(d["layer_ids"])})

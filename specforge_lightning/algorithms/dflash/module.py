@@ -19,7 +19,6 @@ on any world size. Validation uses step -1: fixed anchors per sample.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -104,17 +103,6 @@ class BlockAcceptanceMetric(Metric):
             "acceptance_length": self.accepted.double() / self.blocks.clamp_min(1).double(),
             "loss": self.loss_num / self.loss_den.clamp_min(1e-12),
         }
-
-
-def _context_to_dict(ctx: FeatureContext) -> dict[str, Any]:
-    d = dataclasses.asdict(ctx)
-    d["layer_ids"] = list(ctx.layer_ids)
-    d["manifest"] = dict(ctx.manifest)
-    return d
-
-
-def _context_from_dict(d: Mapping[str, Any]) -> FeatureContext:
-    return FeatureContext(**{**d, "layer_ids": tuple(d["layer_ids"])})
 
 
 class DFlashModule(L.LightningModule):
@@ -236,7 +224,7 @@ class DFlashModule(L.LightningModule):
             raise RuntimeError(f"cannot checkpoint a {type(self).__name__} that was never built")
         checkpoint[self.checkpoint_key] = {
             "format": 1,
-            "feature_context": _context_to_dict(self.context),
+            "feature_context": self.context.to_dict(),
             "draft_config": self.draft_config.to_dict(),
         }
 
@@ -244,7 +232,7 @@ class DFlashModule(L.LightningModule):
         meta = checkpoint[self.checkpoint_key]
         config = self._config_class().from_dict(meta["draft_config"])
         if self.draft is None:
-            context = _context_from_dict(meta["feature_context"])
+            context = FeatureContext.from_dict(meta["feature_context"])
             self._build(context, config, read_target_config(context.target_dir))
         elif self.draft_config != config:
             raise ValueError(f"checkpoint draft config {config} differs from the built draft {self.draft_config}")
@@ -331,7 +319,7 @@ class DFlashModule(L.LightningModule):
         if self.draft is None:
             raise RuntimeError(f"cannot export a {type(self).__name__} that was never built")
         keep = ("target_id", "layer_ids", "hidden_size", "vocab_size", "capture_dtype", "max_length")
-        context = {k: v for k, v in _context_to_dict(self.context).items() if k in keep}
+        context = {k: v for k, v in self.context.to_dict().items() if k in keep}
         return export_hf(self.draft, out_dir, self.checkpoint_key, context, dtype)
 
     @staticmethod

@@ -10,8 +10,6 @@ and never stored in checkpoints).
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning as L
@@ -36,17 +34,6 @@ from specforge_lightning.contracts import FeatureContext, StrategySpec
 from specforge_lightning.evaluation.metrics import AcceptanceMetric
 
 CHECKPOINT_KEY = "eagle3"
-
-
-def _context_to_dict(ctx: FeatureContext) -> dict[str, Any]:
-    d = dataclasses.asdict(ctx)
-    d["layer_ids"] = list(ctx.layer_ids)
-    d["manifest"] = dict(ctx.manifest)
-    return d
-
-
-def _context_from_dict(d: Mapping[str, Any]) -> FeatureContext:
-    return FeatureContext(**{**d, "layer_ids": tuple(d["layer_ids"])})
 
 
 class Eagle3Module(L.LightningModule):
@@ -171,7 +158,7 @@ class Eagle3Module(L.LightningModule):
             raise RuntimeError("cannot checkpoint an Eagle3Module that was never built")
         checkpoint[CHECKPOINT_KEY] = {
             "format": 1,
-            "feature_context": _context_to_dict(self.context),
+            "feature_context": self.context.to_dict(),
             "draft_config": self.draft_config.to_dict(),
         }
 
@@ -179,7 +166,7 @@ class Eagle3Module(L.LightningModule):
         meta = checkpoint[CHECKPOINT_KEY]
         config = Eagle3Config.from_dict(meta["draft_config"])
         if self.draft is None:
-            context = _context_from_dict(meta["feature_context"])
+            context = FeatureContext.from_dict(meta["feature_context"])
             self._build(context, config, read_target_config(context.target_dir), fresh=False)
         elif self.draft_config != config:
             raise ValueError(f"checkpoint draft config {config} differs from the built draft {self.draft_config}")
