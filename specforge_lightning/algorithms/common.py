@@ -11,13 +11,16 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+
+from specforge_lightning.contracts import FeatureContext
 
 # --------------------------------------------------------------------------- blocks
 
@@ -192,3 +195,55 @@ def build_adamw_cosine(
         optimizer, lambda step: warmup_cosine(step, total, warmup_ratio, min_lr_ratio)
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+class LazyDraftModule(L.LightningModule):
+    """A LightningModule whose draft is built from a ``FeatureContext`` when first needed.
+
+    ``setup`` builds it from ``trainer.datamodule.feature_context``; a checkpoint
+    stores the context and the draft config under ``checkpoint_key`` so that
+    ``on_load_checkpoint`` rebuilds the architecture before Lightning loads the
+    weights (``load_from_checkpoint`` needs no datamodule). Subclasses provide
+    ``build(context)``, ``config_class`` and ``restore(context, config)``.
+    """
+
+    checkpoint_key: ClassVar[str]
+    draft: nn.Module | None
+    draft_config: Any
+    context: FeatureContext | None
+
+    def build(self, context: FeatureContext) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def config_class() -> type:
+        raise NotImplementedError
+
+    def restore(self, context: FeatureContext, config: Any) -> None:
+        """Rebuild the draft of a checkpoint (no fresh initialisation: the weights follow)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if self.draft is not None:
+            return
+        context = getattr(getattr(self.trainer, "datamodule", None), "feature_context", None)
+        if context is None:
+            raise RuntimeError(f"{type(self).__name__} needs trainer.datamodule.feature_context (or build(context))")
+        self.build(context)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.draft is None:
+            raise RuntimeError(f"cannot checkpoint a {type(self).__name__} that was never built")
+        checkpoint[self.checkpoint_key] = {
+            "format": 1,
+            "feature_context": self.context.to_dict(),
+            "draft_config": self.draft_config.to_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint[self.checkpoint_key]
+        config = self.config_class().from_dict(meta["draft_config"])
+        if self.draft is None:
+            self.restore(FeatureContext.from_dict(meta["feature_context"]), config)
+        elif self.draft_config != config:
+            raise ValueError(f"checkpoint draft config {config} differs from the built draft {self.draft_config}")

@@ -23,11 +23,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning as L
 import torch
 from torchmetrics import Metric
 
 from specforge_lightning.algorithms.common import (
+    LazyDraftModule,
     build_adamw_cosine,
     load_target_tensors,
     read_target_config,
@@ -105,7 +105,7 @@ class BlockAcceptanceMetric(Metric):
         }
 
 
-class DFlashModule(L.LightningModule):
+class DFlashModule(LazyDraftModule):
     """Train a DFlash block draft (upstream defaults: 1 layer, block 16, 512 anchors, lr 6e-4).
 
     Args:
@@ -211,35 +211,12 @@ class DFlashModule(L.LightningModule):
         self._ddp_params_and_buffers_to_ignore = ["draft.embed_tokens.weight", "draft.lm_head.weight"]
         self.draft_config, self.context = config, context
 
-    def setup(self, stage: str) -> None:
-        if self.draft is not None:
-            return
-        context = getattr(getattr(self.trainer, "datamodule", None), "feature_context", None)
-        if context is None:
-            raise RuntimeError(f"{type(self).__name__} needs trainer.datamodule.feature_context (or build(context))")
-        self.build(context)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.draft is None:
-            raise RuntimeError(f"cannot checkpoint a {type(self).__name__} that was never built")
-        checkpoint[self.checkpoint_key] = {
-            "format": 1,
-            "feature_context": self.context.to_dict(),
-            "draft_config": self.draft_config.to_dict(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint[self.checkpoint_key]
-        config = self._config_class().from_dict(meta["draft_config"])
-        if self.draft is None:
-            context = FeatureContext.from_dict(meta["feature_context"])
-            self._build(context, config, read_target_config(context.target_dir))
-        elif self.draft_config != config:
-            raise ValueError(f"checkpoint draft config {config} differs from the built draft {self.draft_config}")
-
     @staticmethod
-    def _config_class() -> type[DFlashConfig]:
+    def config_class() -> type[DFlashConfig]:
         return DFlashConfig
+
+    def restore(self, context: FeatureContext, config: DFlashConfig) -> None:
+        self._build(context, config, read_target_config(context.target_dir))
 
     # ------------------------------------------------------------------ the step
 

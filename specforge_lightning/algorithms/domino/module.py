@@ -78,7 +78,7 @@ class DominoModule(DFlashModule):
         return 1 if self.hparams.shift_label else 0
 
     @staticmethod
-    def _config_class() -> type[DominoConfig]:
+    def config_class() -> type[DominoConfig]:
         return DominoConfig
 
     def make_config(self, target_cfg: Mapping[str, Any], context: FeatureContext) -> DominoConfig:

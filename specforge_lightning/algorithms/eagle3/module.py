@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import lightning as L
 import torch
 
 from specforge_lightning.algorithms.common import (
+    LazyDraftModule,
     build_adamw_cosine,
     load_target_tensors,
     load_vocab_mapping,
@@ -36,7 +36,7 @@ from specforge_lightning.evaluation.metrics import AcceptanceMetric
 CHECKPOINT_KEY = "eagle3"
 
 
-class Eagle3Module(L.LightningModule):
+class Eagle3Module(LazyDraftModule):
     """Train an EAGLE3 draft with the TTT loss (upstream defaults: 7 steps, decay 0.8).
 
     Args:
@@ -63,6 +63,7 @@ class Eagle3Module(L.LightningModule):
         layer_preset="eagle3",
         loss=eagle3_loss,
     )
+    checkpoint_key: ClassVar[str] = CHECKPOINT_KEY
 
     def __init__(
         self,
@@ -145,31 +146,12 @@ class Eagle3Module(L.LightningModule):
         self._ddp_params_and_buffers_to_ignore = ["teacher_head", "draft.embed_tokens.weight"]
         self.draft_config, self.context = config, context
 
-    def setup(self, stage: str) -> None:
-        if self.draft is not None:
-            return
-        context = getattr(getattr(self.trainer, "datamodule", None), "feature_context", None)
-        if context is None:
-            raise RuntimeError("Eagle3Module needs trainer.datamodule.feature_context (or call build(context) first)")
-        self.build(context)
+    @staticmethod
+    def config_class() -> type[Eagle3Config]:
+        return Eagle3Config
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.draft is None:
-            raise RuntimeError("cannot checkpoint an Eagle3Module that was never built")
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": 1,
-            "feature_context": self.context.to_dict(),
-            "draft_config": self.draft_config.to_dict(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint[CHECKPOINT_KEY]
-        config = Eagle3Config.from_dict(meta["draft_config"])
-        if self.draft is None:
-            context = FeatureContext.from_dict(meta["feature_context"])
-            self._build(context, config, read_target_config(context.target_dir), fresh=False)
-        elif self.draft_config != config:
-            raise ValueError(f"checkpoint draft config {config} differs from the built draft {self.draft_config}")
+    def restore(self, context: FeatureContext, config: Eagle3Config) -> None:
+        self._build(context, config, read_target_config(context.target_dir), fresh=False)
 
     # ------------------------------------------------------------------ the step
 
