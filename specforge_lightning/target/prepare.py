@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -355,6 +355,3 @@ def _capture_chunk(engine, tasks, layer_ids, batch_size, stats, progress, label)
             samples.append((tasks[i].task_id, captured[i]))
     return samples
 
-
-def prepare_config_dict(cfg: PrepareConfig) -> dict[str, Any]:
-    return asdict(cfg)
