@@ -34,6 +34,7 @@ CONFIG_FIELDS = (
     "capture_dtype",
     "draft_vocab_size",
     "regenerate",
+    "regenerate_samples",
 )
 
 

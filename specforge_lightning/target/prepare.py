@@ -53,6 +53,7 @@ IDENTITY_FIELDS = (
     "shard_size",
     "regenerate",
     "regenerate_max_new_tokens",
+    "regenerate_samples",
 )
 
 
@@ -80,8 +81,21 @@ class PrepareConfig:
     regenerate: bool = False
     regenerate_max_new_tokens: int = 192
     regenerate_batch_size: int = 16
+    # How many train conversations get regenerated answers (None: all). The rest keep the corpus's
+    # own answers: they cost ~5x less per token (one capture pass, no generation), and their
+    # labels are still the target's own predictions. Validation is always regenerated.
+    regenerate_samples: int | None = None
     cache_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.regenerate_samples is not None and not self.regenerate:
+            raise ValueError("regenerate_samples needs regenerate: true")
+        if self.regenerate_samples is not None and not 0 <= self.regenerate_samples <= self.num_samples:
+            raise ValueError(
+                f"regenerate_samples must be between 0 and num_samples ({self.num_samples}), "
+                f"got {self.regenerate_samples}"
+            )
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -129,9 +143,9 @@ class TaskPlan:
     corpus_end: int
 
 
-def _conversations(cfg: PrepareConfig):
-    """``(index, messages)`` from ``skip_samples`` on, read in chunks, cut to ``max_messages``."""
-    position = cfg.skip_samples
+def _conversations(cfg: PrepareConfig, start: int | None = None):
+    """``(index, messages)`` from ``start`` (default ``skip_samples``) on, read in chunks, cut to ``max_messages``."""
+    position = cfg.skip_samples if start is None else start
     while True:
         chunk = corpus_lib.load_conversations(cfg.corpus, limit=256, skip=position)
         for messages in chunk:
@@ -147,35 +161,44 @@ def build_tasks(cfg: PrepareConfig, tokenizer, model=None, cache_file: Path | No
     Conversations that give fewer than two supervised tokens (e.g. a prompt that
     fills ``max_length``) are dropped and counted. With ``cfg.regenerate`` the
     supervised text is the target's own greedy reply to each first user turn
-    (``model`` required), cached in ``cache_file``.
+    (``model`` required, cached in ``cache_file``) for the validation split and
+    the first ``regenerate_samples`` train conversations; the remaining train
+    conversations follow them in the corpus and keep their own answers.
     """
-    total = cfg.num_samples + cfg.num_val_samples
+    if not cfg.regenerate:
+        tasks, dropped, end = _corpus_tasks(cfg, tokenizer, cfg.skip_samples, cfg.num_samples + cfg.num_val_samples)
+        # Validation comes from the END of the slice, so growing num_samples never leaks val into train.
+        return TaskPlan(tasks[: cfg.num_samples], tasks[cfg.num_samples :], dropped, end)
+    if model is None:
+        raise ValueError("regenerate=true needs the target model")
+    n_regen = cfg.num_samples if cfg.regenerate_samples is None else cfg.regenerate_samples
+    regen, dropped, end = _regenerated(cfg, tokenizer, model, cache_file, n_regen + cfg.num_val_samples)
+    own, more_dropped, end = _corpus_tasks(cfg, tokenizer, end, cfg.num_samples - n_regen)
+    return TaskPlan(regen[:n_regen] + own, regen[n_regen:], dropped + more_dropped, end)
+
+
+def _corpus_tasks(cfg: PrepareConfig, tokenizer, start: int, count: int) -> tuple[list[PromptTask], int, int]:
+    """``count`` conversations from corpus index ``start`` on, with their own answers: (tasks, dropped, end)."""
     tasks: list[PromptTask] = []
-    dropped = 0
-    end = cfg.skip_samples
-    if cfg.regenerate:
-        if model is None:
-            raise ValueError("regenerate=true needs the target model")
-        tasks, dropped, end = _regenerated(cfg, tokenizer, model, cache_file, total)
-    else:
-        for index, messages in _conversations(cfg):
-            end = index + 1
-            ids, mask = tokenize_conversation(
-                tokenizer, messages, cfg.max_length, train_only_last_turn=cfg.train_only_last_turn
-            )
-            if sum(mask) < 2:
-                dropped += 1
-                continue
-            tasks.append(PromptTask(f"c{index:06d}", tuple(ids), tuple(mask), {"corpus": cfg.corpus}))
-            if len(tasks) == total:
-                break
-    if len(tasks) < total:
-        raise ValueError(f"corpus {cfg.corpus!r} gave only {len(tasks)} usable conversations, {total} requested")
-    # Validation comes from the END of the slice, so growing num_samples never leaks val into train.
-    return TaskPlan(tasks[: cfg.num_samples], tasks[cfg.num_samples : total], dropped, end)
+    dropped, end = 0, start
+    if count == 0:
+        return tasks, dropped, end
+    for index, messages in _conversations(cfg, start):
+        end = index + 1
+        ids, mask = tokenize_conversation(
+            tokenizer, messages, cfg.max_length, train_only_last_turn=cfg.train_only_last_turn
+        )
+        if sum(mask) < 2:
+            dropped += 1
+            continue
+        tasks.append(PromptTask(f"c{index:06d}", tuple(ids), tuple(mask), {"corpus": cfg.corpus}))
+        if len(tasks) == count:
+            return tasks, dropped, end
+    raise ValueError(f"corpus {cfg.corpus!r} gave only {len(tasks)} usable conversations, {count} requested")
 
 
 def _regenerated(cfg: PrepareConfig, tokenizer, model, cache_file: Path | None, total: int):
+    """``total`` regenerated tasks from ``skip_samples`` on: (tasks, dropped, end)."""
     from specforge_lightning.target.regenerate import prompt_ids, regenerate_tasks
 
     # Prompts that leave no room for an answer are skipped before any generation;
@@ -198,6 +221,8 @@ def _regenerated(cfg: PrepareConfig, tokenizer, model, cache_file: Path | None, 
         cache_file=cache_file,
     )
     usable = [t for t in tasks if t.num_supervised >= 2][:total]
+    if len(usable) < total:
+        raise ValueError(f"corpus {cfg.corpus!r} gave only {len(usable)} usable regenerated answers, {total} requested")
     return usable, (end - cfg.skip_samples) - len(usable), end
 
 
@@ -224,6 +249,7 @@ def feature_identity(cfg: PrepareConfig, target_dir: Path, tokenizer, layer_ids:
         "shard_size": cfg.shard_size,
         "regenerate": cfg.regenerate,
         "regenerate_max_new_tokens": cfg.regenerate_max_new_tokens if cfg.regenerate else None,
+        "regenerate_samples": cfg.regenerate_samples if cfg.regenerate else None,
     }
 
 

@@ -35,3 +35,40 @@ def test_regenerated_samples_are_the_targets_greedy_answers(tmp_path):
     assert cache.exists()
     again = prepare(cfg, progress=False)
     assert again == manifest
+
+
+def test_regenerate_samples_mixes_target_answers_with_the_corpus_own(tmp_path):
+    """The first ``regenerate_samples`` train conversations and all of val are regenerated; the rest follow
+    them in the corpus with their own answers, and held-out prompts start after everything read."""
+    from transformers import AutoTokenizer
+
+    from specforge_lightning.target.prepare import build_tasks
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_target("tiny-llama")))
+    model, _ = load_target(str(resolve_target("tiny-llama")), dtype=torch.float32)
+    cfg = PrepareConfig(
+        target="tiny-llama", num_samples=5, num_val_samples=2, max_length=96, regenerate=True,
+        regenerate_max_new_tokens=6, regenerate_batch_size=4, regenerate_samples=2,
+    )
+    plan = build_tasks(cfg, tokenizer, model)
+    assert [t.provenance.get("regenerated", False) for t in plan.train] == [True, True, False, False, False]
+    assert all(t.provenance.get("regenerated") for t in plan.val)
+    index = lambda t: int(t.task_id[1:])  # noqa: E731
+    regen_ids = [index(t) for t in plan.train[:2] + plan.val]
+    own_ids = [index(t) for t in plan.train[2:]]
+    assert min(own_ids) > max(regen_ids)  # no conversation is used twice
+    assert plan.corpus_end == max(own_ids) + 1
+    # The corpus's own answers are the plain tokenization, every assistant turn supervised.
+    plain = build_tasks(PrepareConfig(target="tiny-llama", num_samples=40, num_val_samples=0, max_length=96), tokenizer)
+    by_id = {t.task_id: t for t in plain.train}
+    for t in plan.train[2:]:
+        assert t.input_ids == by_id[t.task_id].input_ids and t.loss_mask == by_id[t.task_id].loss_mask
+
+
+def test_regenerate_samples_is_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="regenerate_samples needs regenerate"):
+        PrepareConfig(regenerate_samples=3)
+    with pytest.raises(ValueError, match="between 0 and num_samples"):
+        PrepareConfig(regenerate=True, num_samples=4, regenerate_samples=5)
