@@ -7,6 +7,7 @@ initialised from, and served next to, a Llama/Qwen target.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -96,6 +97,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # --------------------------------------------------------------------------- target weights
+
+
+def target_geometry(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The layer geometry a draft copies from a HF ``config.json``.
+
+    Reads Transformers 4 ``rope_theta``/``rope_scaling`` and Transformers 5 ``rope_parameters``.
+    """
+    rope = cfg.get("rope_parameters") or {}
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if rope:
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+    else:
+        scaling = cfg.get("rope_scaling")
+    heads = int(cfg["num_attention_heads"])
+    return {
+        "hidden_size": int(cfg["hidden_size"]),
+        "intermediate_size": int(cfg["intermediate_size"]),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(cfg.get("num_key_value_heads") or heads),
+        "head_dim": int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "rope_theta": theta,
+        "rope_scaling": dict(scaling) if scaling else None,
+        "max_position_embeddings": int(cfg.get("max_position_embeddings", 4096)),
+        "vocab_size": int(cfg["vocab_size"]),
+        "hidden_act": str(cfg.get("hidden_act", "silu")),
+    }
+
+
+class DraftConfigDict:
+    """``to_dict``/``from_dict`` for draft-config dataclasses: the checkpoint and export form.
+
+    Tuples become lists (JSON); ``from_dict`` ignores keys the class does not have.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def read_target_config(target_dir: str | Path) -> dict[str, Any]:
@@ -204,7 +248,9 @@ class LazyDraftModule(L.LightningModule):
     stores the context and the draft config under ``checkpoint_key`` so that
     ``on_load_checkpoint`` rebuilds the architecture before Lightning loads the
     weights (``load_from_checkpoint`` needs no datamodule). Subclasses provide
-    ``build(context)``, ``config_class`` and ``restore(context, config)``.
+    ``build(context)``, ``config_class`` and ``restore(context, config)``, and hparams
+    ``lr``, ``weight_decay``, ``betas``, ``warmup_ratio``, ``min_lr_ratio`` for the
+    optimizer (AdamW over the draft, warmup + cosine per optimizer step).
     """
 
     checkpoint_key: ClassVar[str]
@@ -247,3 +293,15 @@ class LazyDraftModule(L.LightningModule):
             self.restore(FeatureContext.from_dict(meta["feature_context"]), config)
         elif self.draft_config != config:
             raise ValueError(f"checkpoint draft config {config} differs from the built draft {self.draft_config}")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return build_adamw_cosine(
+            self.draft.parameters(),
+            lr=hp.lr,
+            total_steps=self.trainer.estimated_stepping_batches,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            warmup_ratio=hp.warmup_ratio,
+            min_lr_ratio=hp.min_lr_ratio,
+        )

@@ -18,7 +18,6 @@ matrix.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specforge_lightning.algorithms.common import RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
+from specforge_lightning.algorithms.common import (
+    DraftConfigDict,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    rope_cos_sin,
+    rope_inv_freq,
+    target_geometry,
+)
 
 QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen3_next")
 
 
 @dataclass
-class DFlashConfig:
+class DFlashConfig(DraftConfigDict):
     """Shape of the draft: the target's layer geometry plus the block settings."""
 
     hidden_size: int
@@ -97,44 +104,16 @@ class DFlashConfig:
         qk_norm: bool | None = None,
     ) -> DFlashConfig:
         """Copy the target's geometry from its ``config.json``; q/k norms follow the target by default."""
-        rope = cfg.get("rope_parameters") or {}
-        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        if rope:
-            kind = rope.get("rope_type", rope.get("type", "default"))
-            scaling = None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
-        else:
-            scaling = cfg.get("rope_scaling")
-        heads = int(cfg["num_attention_heads"])
         if qk_norm is None:
             qk_norm = str(cfg.get("model_type", "")) in QK_NORM_MODEL_TYPES
         return cls(
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=dict(scaling) if scaling else None,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            vocab_size=int(cfg["vocab_size"]),
+            **target_geometry(cfg),
             target_layer_ids=tuple(target_layer_ids),
             mask_token_id=int(mask_token_id),
             num_hidden_layers=int(num_hidden_layers),
             block_size=int(block_size),
             qk_norm=bool(qk_norm),
-            hidden_act=str(cfg.get("hidden_act", "silu")),
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["target_layer_ids"] = list(self.target_layer_ids)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DFlashConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def hf_config(self) -> dict[str, Any]:
         """A Qwen3-style ``config.json`` with the upstream DFlash keys (``dflash_config``, ``block_size``, ...)."""

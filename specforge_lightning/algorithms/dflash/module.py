@@ -28,7 +28,6 @@ from torchmetrics import Metric
 
 from specforge_lightning.algorithms.common import (
     LazyDraftModule,
-    build_adamw_cosine,
     load_target_tensors,
     read_target_config,
     target_head_name,
@@ -305,15 +304,3 @@ class DFlashModule(LazyDraftModule):
         from specforge_lightning.algorithms.dflash.export import load_hf
 
         return load_hf(folder)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return build_adamw_cosine(
-            self.draft.parameters(),
-            lr=hp.lr,
-            total_steps=self.trainer.estimated_stepping_batches,
-            weight_decay=hp.weight_decay,
-            betas=tuple(hp.betas),
-            warmup_ratio=hp.warmup_ratio,
-            min_lr_ratio=hp.min_lr_ratio,
-        )

@@ -17,7 +17,6 @@ Two ways to run it:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specforge_lightning.algorithms.common import RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
+from specforge_lightning.algorithms.common import (
+    DraftConfigDict,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    rope_cos_sin,
+    rope_inv_freq,
+    target_geometry,
+)
 
 
 @dataclass
-class Eagle3Config:
+class Eagle3Config(DraftConfigDict):
     """Shape of the draft. ``from_target_config`` copies the target's layer geometry."""
 
     hidden_size: int
@@ -60,41 +67,13 @@ class Eagle3Config:
     def from_target_config(
         cls, cfg: Mapping[str, Any], draft_vocab_size: int, aux_layer_ids: Sequence[int]
     ) -> Eagle3Config:
-        """Read a HF ``config.json`` dict (Transformers 4 ``rope_theta/rope_scaling`` or 5 ``rope_parameters``)."""
-        rope = cfg.get("rope_parameters") or {}
-        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        if rope:
-            kind = rope.get("rope_type", rope.get("type", "default"))
-            scaling = None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
-        else:
-            scaling = cfg.get("rope_scaling")
-        heads = int(cfg["num_attention_heads"])
+        """Copy the target's layer geometry from its ``config.json`` dict."""
         return cls(
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=dict(scaling) if scaling else None,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            vocab_size=int(cfg["vocab_size"]),
+            **target_geometry(cfg),
             draft_vocab_size=int(draft_vocab_size),
             target_hidden_size=int(cfg["hidden_size"]),
             aux_layer_ids=tuple(aux_layer_ids),
-            hidden_act=str(cfg.get("hidden_act", "silu")),
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["aux_layer_ids"] = list(self.aux_layer_ids)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Eagle3Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def sglang_config(self) -> dict[str, Any]:
         """``config.json`` for SGLang's ``LlamaForCausalLMEagle3`` (tie_word_embeddings must be false)."""

@@ -16,7 +16,6 @@ import torch
 
 from specforge_lightning.algorithms.common import (
     LazyDraftModule,
-    build_adamw_cosine,
     load_target_tensors,
     load_vocab_mapping,
     read_target_config,
@@ -219,15 +218,3 @@ class Eagle3Module(LazyDraftModule):
         self.log("val/acc", result["acc"].float(), sync_dist=True)
         for k, a in enumerate(result["acc_k"]):
             self.log(f"val/acc_{k}", a.float(), sync_dist=True)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return build_adamw_cosine(
-            self.draft.parameters(),
-            lr=hp.lr,
-            total_steps=self.trainer.estimated_stepping_batches,
-            weight_decay=hp.weight_decay,
-            betas=tuple(hp.betas),
-            warmup_ratio=hp.warmup_ratio,
-            min_lr_ratio=hp.min_lr_ratio,
-        )
