@@ -231,16 +231,23 @@ class DFlashModule(LazyDraftModule):
         seeds = [anchor_seed(self.hparams.anchor_seed, step, sid) for sid in ids]
         return sample_anchors(t["loss_mask"], self.hparams.num_anchors, seeds, t.get("attention_mask"))
 
-    def compute_loss(self, batch: Any, step: int | None = None) -> DFlashLossOutput:
-        """Loss terms and block counts for a ``TrainBatch`` (or its tensor dict); ``step`` seeds the anchors."""
+    def draft_blocks(self, batch: Any, step: int | None = None) -> tuple[torch.Tensor, ...]:
+        """``(input_ids, loss_mask, anchors, keep, block hidden states)``: the step's shared first half.
+
+        The loss mask is multiplied by the attention mask; ``step`` (default ``global_step``) seeds the anchors.
+        """
         t = self._tensors(batch)
-        hp = self.hparams
         step = self.global_step if step is None else step
         input_ids, loss_mask = t["input_ids"], t["loss_mask"]
         if t.get("attention_mask") is not None:
             loss_mask = loss_mask * t["attention_mask"]
         anchors, keep = self.anchors_for(batch, step)
-        hidden = self.draft(input_ids, t["aux_hidden_states"], anchors, keep)
+        return input_ids, loss_mask, anchors, keep, self.draft(input_ids, t["aux_hidden_states"], anchors, keep)
+
+    def compute_loss(self, batch: Any, step: int | None = None) -> DFlashLossOutput:
+        """Loss terms and block counts for a ``TrainBatch`` (or its tensor dict); ``step`` seeds the anchors."""
+        hp = self.hparams
+        input_ids, loss_mask, anchors, keep, hidden = self.draft_blocks(batch, step)
         labels, w = block_labels(input_ids, loss_mask, anchors, keep, hp.block_size, shift=0)
         return dflash_loss(
             hidden[:, :, 1:], labels, w, keep, self.draft.logits,

@@ -109,14 +109,8 @@ class DominoModule(DFlashModule):
         return lambda_base(self.global_step, total, hp.lambda_base_start, hp.lambda_base_decay_ratio)
 
     def compute_loss(self, batch: Any, step: int | None = None) -> DominoLossOutput:  # type: ignore[override]
-        t = self._tensors(batch)
         hp = self.hparams
-        step = self.global_step if step is None else step
-        input_ids, loss_mask = t["input_ids"], t["loss_mask"]
-        if t.get("attention_mask") is not None:
-            loss_mask = loss_mask * t["attention_mask"]
-        anchors, keep = self.anchors_for(batch, step)
-        hidden = self.draft(input_ids, t["aux_hidden_states"], anchors, keep)
+        input_ids, loss_mask, anchors, keep, hidden = self.draft_blocks(batch, step)
         shift = self.label_shift
         labels, w = block_labels(input_ids, loss_mask, anchors, keep, hp.block_size, shift=shift)
         P = w.shape[-1]
