@@ -72,3 +72,23 @@ def test_regenerate_samples_is_checked():
         PrepareConfig(regenerate_samples=3)
     with pytest.raises(ValueError, match="between 0 and num_samples"):
         PrepareConfig(regenerate=True, num_samples=4, regenerate_samples=5)
+
+
+def test_features_with_another_regenerate_samples_are_refused(tmp_path):
+    """Changing how many answers are regenerated changes the features: the datamodule names the field."""
+    import json
+
+    import pytest
+
+    from specforge_lightning.data.datamodule import FeatureDataModule
+
+    manifest = {"complete": True, "target": "tiny-llama", "corpus": "sharegpt", "skip_samples": 0,
+                "num_samples": 4, "num_val_samples": 1, "max_length": 96, "max_messages": None,
+                "train_only_last_turn": False, "capture_dtype": "float32", "draft_vocab_size": 64,
+                "regenerate": True, "regenerate_samples": 2}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    prep = dict(output_dir=str(tmp_path), target="tiny-llama", num_samples=4, num_val_samples=1, max_length=96,
+                capture_dtype="float32", draft_vocab_size=64, regenerate=True)
+    FeatureDataModule(prepare=PrepareConfig(**prep, regenerate_samples=2)).prepare_data()  # same: accepted
+    with pytest.raises(ValueError, match="regenerate_samples: prepared 2, requested 3"):
+        FeatureDataModule(prepare=PrepareConfig(**prep, regenerate_samples=3)).prepare_data()
