@@ -7,6 +7,7 @@ whose manifest disagrees with this run's configuration, naming the field.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,26 @@ class FeatureDataModule(L.LightningDataModule):
             prefetch=self.prefetch,
             strategy=spec.name if spec else "",
         )
+
+    def sample_features(
+        self, num_samples: int, split: str = "train", keys: Sequence[str] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """The first ``num_samples`` samples of ``split``, read straight from the store.
+
+        For data-dependent initialisation before the first step: the same samples on
+        every rank, and the train loader's position is left untouched.
+        """
+        if self.manifest is None:
+            self.setup("fit")
+        refs = self.refs.get(split) or []
+        if not refs:
+            raise ValueError(f"{self.features_dir} has no {split!r} samples")
+        out = []
+        for ref in refs[:num_samples]:
+            tensors, lease = self.store.get(ref)
+            self.store.release(lease)
+            out.append({k: v for k, v in tensors.items() if keys is None or k in keys})
+        return out
 
     def load_train_state(self, state: dict[str, Any]) -> None:
         """Resume the train loader at ``state`` (a rank-keyed ``FeatureDataLoader.state_dict``) on its next creation."""

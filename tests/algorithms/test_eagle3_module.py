@@ -212,3 +212,40 @@ def test_lr_schedule_warmup_then_cosine():
     assert warmup_cosine(55, 100, 0.1) == pytest.approx(0.5)
     assert warmup_cosine(100, 100, 0.1, min_lr_ratio=0.1) == pytest.approx(0.1)
     assert warmup_cosine(32, 64, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+class SampledData(ListData):
+    """ListData that also hands out training samples for data-dependent init, counting the calls."""
+
+    def __init__(self, context: FeatureContext, batches: list[TrainBatch], model: LlamaForCausalLM) -> None:
+        super().__init__(context, batches)
+        self.model, self.calls = model, 0
+
+    def sample_features(self, num_samples: int, split: str = "train", keys=None) -> list[dict[str, torch.Tensor]]:
+        self.calls += 1
+        rows = [capture(self.model, 100 + i, S=24).tensors for i in range(num_samples)]
+        return [{k: t[k][0] for k in keys} for t in rows]  # row 0 is unpadded
+
+
+def test_copy_head_is_planted_on_a_fresh_fit_only(target, tmp_path):
+    model, context, batches = target
+    data = SampledData(context, batches, model)
+    hp = dict(ttt_length=2, init_lm_head=True, init_norm=True, init_copy_head=True, init_copy_samples=8)
+    module = Eagle3Module(**hp)
+    t = trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, default_root_dir=tmp_path)
+    t.fit(module, datamodule=data)
+    assert data.calls == 1
+    assert not module.draft.midlayer.self_attn.k_proj.weight[:8, :H].abs().gt(1e-2).any()  # planted key: hidden half
+    path = tmp_path / "copy.ckpt"
+    t.save_checkpoint(path)
+    trainer(max_steps=3, limit_val_batches=1, val_check_interval=1, default_root_dir=tmp_path).fit(
+        Eagle3Module(**hp), datamodule=data, ckpt_path=path
+    )
+    assert data.calls == 1  # resuming restores the weights; nothing is planted again
+
+
+def test_copy_head_needs_samples_before_training(target):
+    _, context, batches = target
+    module = Eagle3Module(init_copy_head=True)
+    with pytest.raises(ValueError, match="init_copy_head needs training samples"):
+        trainer(max_steps=1).fit(module, datamodule=ListData(context, batches))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from specforge_lightning.algorithms.common import (
     LazyDraftModule,
@@ -21,6 +22,7 @@ from specforge_lightning.algorithms.common import (
     read_target_config,
     target_head_name,
 )
+from specforge_lightning.algorithms.eagle3.copy_head import plant_copy_head
 from specforge_lightning.algorithms.eagle3.loss import (
     Eagle3LossOutput,
     compute_teacher,
@@ -51,6 +53,12 @@ class Eagle3Module(LazyDraftModule):
         teacher_chunk_size: rows of full-vocab teacher logits computed at once (``None``: all).
         init_*: smart initialisation from the target, each part switchable
             (see ``Eagle3Draft.init_from_target``); all off reproduces upstream.
+        init_copy_head: plant a copy (induction) head before training
+            (``copy_head.plant_copy_head``), fitted on the first ``init_copy_samples`` training
+            samples, which the datamodule provides through ``sample_features(n)`` (offline
+            features). Best with ``init_lm_head`` and ``init_norm``.
+        init_copy_strength, init_copy_sharpness: size of the copied token's vector relative
+            to the hidden stream, and the query scale (softmax temperature).
 
     Gradient clipping is the Trainer's ``gradient_clip_val`` (recipes use 0.5, as upstream).
     """
@@ -83,6 +91,10 @@ class Eagle3Module(LazyDraftModule):
         init_layer: int = -1,
         init_fc_chunk: int = -1,
         init_emb_half_scale: float = 0.0,
+        init_copy_head: bool = False,
+        init_copy_samples: int = 128,
+        init_copy_strength: float = 2.0,
+        init_copy_sharpness: float = 3.0,
     ) -> None:
         super().__init__()
         if loss_normalize not in ("positions", "tokens"):
@@ -144,6 +156,36 @@ class Eagle3Module(LazyDraftModule):
         # The frozen tensors are identical on every rank: keep DDP from re-broadcasting them each step.
         self._ddp_params_and_buffers_to_ignore = ["teacher_head", "draft.embed_tokens.weight"]
         self.draft_config, self.context = config, context
+
+    def on_fit_start(self) -> None:
+        # Here, not in setup: only now does the trainer know whether a checkpoint was restored.
+        fresh = self.trainer.ckpt_path is None and self.trainer.global_step == 0
+        if fresh and self.hparams.init_copy_head:
+            self.plant_copy_head(self.trainer.datamodule)
+
+    def plant_copy_head(self, datamodule: Any) -> dict[str, float]:
+        """Fit and plant the copy head on the datamodule's first training samples (logged once)."""
+        sample = getattr(datamodule, "sample_features", None)
+        if sample is None:
+            raise ValueError(
+                f"model.init_copy_head needs training samples before the first step, which "
+                f"{type(datamodule).__name__} cannot provide (no sample_features); use offline features "
+                "(FeatureDataModule) or set model.init_copy_head=false"
+            )
+        samples = sample(self.hparams.init_copy_samples, keys=("input_ids", "aux_hidden_states"))
+        report = plant_copy_head(
+            self.draft,
+            [s["input_ids"] for s in samples],
+            [s["aux_hidden_states"] for s in samples],
+            max_position=max(512, self.context.max_length),
+            sharpness=self.hparams.init_copy_sharpness,
+            strength=self.hparams.init_copy_strength,
+        )
+        rank_zero_info(
+            f"copy head planted from {int(report['tokens'])} sample tokens: keys recover the slot's token for "
+            f"{report['key_token_accuracy']:.0%} of held-out positions ({int(report['content_dims'])} content dims)"
+        )
+        return report
 
     @staticmethod
     def config_class() -> type[Eagle3Config]:
