@@ -13,7 +13,9 @@ layer still knows the token x_s) with the embedding of x_{s+1}. The planted head
   * keys each slot by x_s, read from the captured states: a ridge regression from
     the aux states to the token's embedding, fitted on a few training samples and
     written into a spare random subspace of ``fc``,
-  * values each slot with its embedding half, i.e. x_{s+1}, the token to copy,
+  * values each slot with its embedding half, i.e. x_{s+1}, the token to copy, minus
+    the slot's own token x_s (from the planted subspace): a chain step's input hidden
+    still holds the copy its previous step wrote, and this removes it,
 and ``o_proj`` writes that token's code where ``norm`` + ``lm_head`` will read it
 (so initialise ``lm_head`` and ``norm`` from the target first). Queries and keys use
 only RoPE pairs that barely turn over ``max_position`` tokens: the match is by
