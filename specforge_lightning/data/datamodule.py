@@ -8,7 +8,7 @@ whose manifest disagrees with this run's configuration, naming the field.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +183,11 @@ class FeatureDataModule(L.LightningDataModule):
             raise ValueError(f"{self.features_dir} has no {split!r} samples")
         out = []
         for ref in refs[:num_samples]:
+            if keys is not None:  # the store reads only the features the ref names
+                ref = replace(ref, feature_keys={k: v for k, v in ref.feature_keys.items() if k in keys})
             tensors, lease = self.store.get(ref)
             self.store.release(lease)
-            out.append({k: v for k, v in tensors.items() if keys is None or k in keys})
+            out.append(tensors)
         return out
 
     def load_train_state(self, state: dict[str, Any]) -> None:

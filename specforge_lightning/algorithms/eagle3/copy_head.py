@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from specforge_lightning.algorithms.common import rope_inv_freq
 from specforge_lightning.algorithms.eagle3.model import Eagle3Draft
@@ -38,10 +39,6 @@ def content_pairs(head_dim: int, inv_freq: torch.Tensor, max_position: int) -> l
     order = torch.argsort(inv_freq).tolist()  # slowest first
     slow = [i for i in order if float(inv_freq[i]) * max_position <= 0.5]
     return sorted(slow if len(slow) >= max(1, head_dim // 8) else order[: max(1, head_dim // 8)])
-
-
-def _rms_normalize(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 def _rms(x: torch.Tensor) -> float:
@@ -119,7 +116,7 @@ def plant_copy_head(
     held_out = max(1, len(ids) // 10)
     readout, check = fit_token_readout(aux, emb_in[ids], ridge, held_out)  # (3·H_t, H)
     seen = torch.unique(ids)
-    guess = _rms_normalize(aux[-held_out:] @ check) @ _rms_normalize(emb_in[seen]).T
+    guess = F.normalize(aux[-held_out:] @ check, dim=-1) @ F.normalize(emb_in[seen], dim=-1).T
     key_accuracy = float((seen[guess.argmax(-1)] == ids[-held_out:]).float().mean())
 
     inv_freq = rope_inv_freq(hd, c.rope_theta, c.rope_scaling)
@@ -157,8 +154,8 @@ def plant_copy_head(
     wv = torch.zeros(hd, 2 * H, device=ids.device)
     wv[:n, :H] = value_code
     wv[:n, H:] = -unwrite * subspace.T / gain
-    for proj, w in ((attn.q_proj, wq.reshape(g * hd, 2 * H)), (attn.k_proj, wk), (attn.v_proj, wv)):
-        rows = q_rows if proj is attn.q_proj else kv_rows
+    planted = ((attn.q_proj, q_rows, wq.reshape(g * hd, 2 * H)), (attn.k_proj, kv_rows, wk), (attn.v_proj, kv_rows, wv))
+    for proj, rows, w in planted:
         proj.weight[rows] = w.to(proj.weight.dtype)
 
     # o_proj: write the code so that lm_head(norm(.)) scores the copied token highest (least squares).
