@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from specforge_lightning.algorithms.common import rope_inv_freq
-from specforge_lightning.algorithms.eagle3.copy_head import content_pairs, fit_token_readout, plant_copy_head
+from specforge_lightning.algorithms.eagle3.copy_head import (
+    content_pairs,
+    fit_token_readout,
+    next_slowest_pairs,
+    plant_copy_head,
+)
 from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft
 
 V, H, HD = 96, 64, 32
@@ -30,18 +35,26 @@ def make_draft(seed: int = 0) -> tuple[Eagle3Draft, torch.Tensor]:
     return draft, torch.randn(H, H) / H**0.5
 
 
-def aux_of(ids: torch.Tensor, emb: torch.Tensor, mix: torch.Tensor, seed: int) -> torch.Tensor:
-    """Captured states: the low layer encodes the current token (linearly, small), the others are loud noise."""
+def aux_of(
+    ids: torch.Tensor, emb: torch.Tensor, mix: torch.Tensor, seed: int, prev_mix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Captured states: the low layer encodes the current token (linearly, small), the others are loud
+    noise; with ``prev_mix`` the middle layer encodes the previous token instead (noisier)."""
     g = torch.Generator().manual_seed(seed)
     low = emb[ids] @ mix + 0.05 * torch.randn(len(ids), H, generator=g)
     loud = 25 * torch.randn(len(ids), 2 * H, generator=g)
+    if prev_mix is not None:
+        prev = torch.cat([torch.zeros(1, H), emb[ids[:-1]]]) @ prev_mix
+        loud[:, :H] = 10 * prev + 5 * torch.randn(len(ids), H, generator=g)
     return torch.cat([low, loud], -1)
 
 
-def training_samples(draft: Eagle3Draft, mix: torch.Tensor, n: int = 48, length: int = 80):
+def training_samples(
+    draft: Eagle3Draft, mix: torch.Tensor, n: int = 48, length: int = 80, prev_mix: torch.Tensor | None = None
+):
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(0, V, (length,), generator=g) for _ in range(n)]
-    return ids, [aux_of(x, draft.embed_tokens.weight, mix, seed=i) for i, x in enumerate(ids)]
+    return ids, [aux_of(x, draft.embed_tokens.weight, mix, seed=i, prev_mix=prev_mix) for i, x in enumerate(ids)]
 
 
 def looping_accuracy(draft: Eagle3Draft, mix: torch.Tensor, steps: int = 3) -> list[float]:
@@ -79,6 +92,38 @@ def test_unwrite_keeps_chain_steps_copying():
     assert removed_acc[2] > kept_acc[2] + 0.2, (kept_acc, removed_acc)
 
 
+def ambiguous_loop_accuracy(draft: Eagle3Draft, mix: torch.Tensor, prev_mix: torch.Tensor) -> list[float]:
+    """A 12-token loop where one token occurs twice with different successors: per TTT step, the
+    accuracy on the token after it (one-token matching can only guess which occurrence is meant)."""
+    g = torch.Generator().manual_seed(7)
+    loop = torch.randperm(V, generator=g)[:12]
+    loop[6] = loop[2]
+    ids = loop.repeat(4)
+    aux = aux_of(ids, draft.embed_tokens.weight, mix, seed=99, prev_mix=prev_mix)
+    with torch.no_grad():
+        outputs = draft.ttt_forward(ids[None], aux[None], length=3)
+    accuracy = []
+    for k, (logits, _) in enumerate(outputs):
+        slots = torch.tensor([t for t in range(12, len(ids) - 2 - k) if ids[t + 1 + k] == loop[2]])
+        accuracy.append(float((draft.to_target_ids(logits[0].argmax(-1))[slots] == ids[slots + 2 + k]).float().mean()))
+    return accuracy
+
+
+def planted_with_previous(**kwargs) -> tuple[Eagle3Draft, torch.Tensor, torch.Tensor, dict[str, float]]:
+    draft, mix = make_draft()
+    prev_mix = torch.randn(H, H, generator=torch.Generator().manual_seed(3)) / H**0.5
+    report = plant_copy_head(draft, *training_samples(draft, mix, prev_mix=prev_mix), max_position=64, **kwargs)
+    return draft, mix, prev_mix, report
+
+
+def test_previous_token_match_tells_apart_two_occurrences():
+    one, mix, prev_mix, _ = planted_with_previous()
+    two, _, _, report = planted_with_previous(previous=1.0)
+    one_acc, two_acc = ambiguous_loop_accuracy(one, mix, prev_mix), ambiguous_loop_accuracy(two, mix, prev_mix)
+    assert one_acc[0] <= 0.75 and two_acc[0] == 1.0, (one_acc, two_acc, report)
+    assert report["previous_token_accuracy"] > 0.9 and 0 < report["previous_dims"] <= report["content_dims"]
+
+
 def test_only_the_planted_head_and_fc_change():
     draft, mix = make_draft()
     old = {k: v.clone() for k, v in draft.state_dict().items()}
@@ -106,6 +151,8 @@ def test_content_pairs_are_the_slow_rope_pairs():
     assert smollm == list(range(20, 32))  # turn by <= 0.5 rad over 512 positions
     tiny = content_pairs(HD, rope_inv_freq(HD, 10000.0), 512)
     assert tiny == [12, 13, 14, 15]  # only 3 slow pairs: the head_dim // 8 slowest instead
+    # The previous-token match takes the next-slowest pairs that turn < 90 degrees over 32 tokens.
+    assert next_slowest_pairs(rope_inv_freq(64, 100000.0), smollm, len(smollm)) == list(range(9, 20))
 
 
 def test_token_readout_recovers_a_linear_code():

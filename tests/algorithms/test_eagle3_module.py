@@ -230,7 +230,9 @@ class SampledData(ListData):
 def test_copy_head_is_planted_on_a_fresh_fit_only(target, tmp_path):
     model, context, batches = target
     data = SampledData(context, batches, model)
-    hp = dict(ttt_length=2, init_lm_head=True, init_norm=True, init_copy_head=True, init_copy_samples=8)
+    hp = dict(
+        ttt_length=2, init_lm_head=True, init_norm=True, init_copy_head=True, init_copy_samples=8, init_copy_previous=0.5
+    )
     module = Eagle3Module(**hp)
     t = trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, default_root_dir=tmp_path)
     t.fit(module, datamodule=data)

@@ -20,6 +20,15 @@ and ``o_proj`` writes that token's code where ``norm`` + ``lm_head`` will read i
 (so initialise ``lm_head`` and ``norm`` from the target first). Queries and keys use
 only RoPE pairs that barely turn over ``max_position`` tokens: the match is by
 content, wherever the earlier occurrence is. Nothing else in the draft changes.
+
+With ``previous > 0`` the match also scores the token before: the query adds x_t (its
+slot's own token, from the planted subspace), the key adds x_{s-1} (a second readout
+from the aux states, which know the previous token less well, in a second subspace),
+on the next-slowest RoPE pairs. A token that occurs twice in a loop with different
+continuations ("a runtime error and a logical error") is then told apart by the
+token before it, as a two-token (bigram) lookup would. Chain steps (k >= 1) still read
+step 0's x_t as "the token before" (nothing moves the planted code along the chain), so
+there the previous-token term is noise and the current token decides.
 """
 
 from __future__ import annotations
@@ -39,6 +48,18 @@ def content_pairs(head_dim: int, inv_freq: torch.Tensor, max_position: int) -> l
     order = torch.argsort(inv_freq).tolist()  # slowest first
     slow = [i for i in order if float(inv_freq[i]) * max_position <= 0.5]
     return sorted(slow if len(slow) >= max(1, head_dim // 8) else order[: max(1, head_dim // 8)])
+
+
+def next_slowest_pairs(inv_freq: torch.Tensor, taken: Sequence[int], count: int, near: int = 32) -> list[int]:
+    """Up to ``count`` of the slowest RoPE pairs not in ``taken`` that turn by at most 90 degrees
+    over ``near`` tokens. They turn with distance, which only favours recent matches: a loop's
+    previous occurrence is near (SmolLM2's answers: median 15 tokens back)."""
+    order = [i for i in torch.argsort(inv_freq).tolist() if i not in set(taken)]
+    return sorted(i for i in order[:count] if float(inv_freq[i]) * near <= math.pi / 2)
+
+
+def _pair_dims(pairs: Sequence[int], head_dim: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(pairs) + [p + head_dim // 2 for p in pairs], device=device)
 
 
 def _rms(x: torch.Tensor) -> float:
@@ -65,6 +86,21 @@ def fit_token_readout(
     return full, partial
 
 
+def _fit_key(
+    aux: torch.Tensor, token_ids: torch.Tensor, emb_in: torch.Tensor, seen: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, float]:
+    """A readout aux -> the token's embedding, and how often its held-out guess is the nearest seen token."""
+    held_out = max(1, len(token_ids) // 10)
+    readout, check = fit_token_readout(aux, emb_in[token_ids], ridge, held_out)
+    guess = F.normalize(aux[-held_out:] @ check, dim=-1) @ F.normalize(emb_in[seen], dim=-1).T
+    return readout, float((seen[guess.argmax(-1)] == token_ids[-held_out:]).float().mean())
+
+
+def _gain(true_code: torch.Tensor, read: torch.Tensor) -> float:
+    """Least-squares scale from the true code to what is read back after ``hidden_norm``."""
+    return float((read * true_code).sum() / true_code.pow(2).sum().clamp_min(1e-12))
+
+
 def _whitened_basis(rows: torch.Tensor, n: int) -> torch.Tensor:
     """The top-``n`` principal directions of ``rows``, each scaled to unit variance: (n, H)."""
     centred = rows - rows.mean(0)
@@ -85,6 +121,7 @@ def plant_copy_head(
     sharpness: float = 3.0,
     strength: float = 2.0,
     unwrite: float = 1.0,
+    previous: float = 0.0,
     ridge: float = 1e-3,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -93,9 +130,11 @@ def plant_copy_head(
     ``input_ids[i]`` (S,) and ``aux_hidden[i]`` (S, 3·H_t) are training samples' tokens and
     captured aux states. ``sharpness`` scales the queries (softmax temperature);
     ``strength`` is the size of the copied token's vector relative to the hidden stream;
-    ``unwrite`` (0..1) how much of the slot's own token the value subtracts (see below).
+    ``unwrite`` (0..1) how much of the slot's own token the value subtracts (see below);
+    ``previous`` the weight of the previous-token match relative to the current one (0: off).
     Returns what was fitted, including ``key_token_accuracy``: how often the keys
-    recover the slot's token on held-out positions of the samples (nearest embedding).
+    recover the slot's token on held-out positions of the samples (nearest embedding),
+    and with ``previous`` the same for the previous token (``previous_token_accuracy``).
     """
     c = draft.config
     if not 0 <= kv_head < c.num_key_value_heads:
@@ -112,48 +151,60 @@ def plant_copy_head(
     mid, attn = draft.midlayer, draft.midlayer.self_attn
     emb_in = mid.input_layernorm(draft.embed_tokens.weight.float())  # what q/k/v see of each token
 
-    # Keys: which token sits at the slot, read from the aux states.
-    held_out = max(1, len(ids) // 10)
-    readout, check = fit_token_readout(aux, emb_in[ids], ridge, held_out)  # (3·H_t, H)
+    # Keys: which token sits at the slot (and, with ``previous``, the one before), read from the aux states.
     seen = torch.unique(ids)
-    guess = F.normalize(aux[-held_out:] @ check, dim=-1) @ F.normalize(emb_in[seen], dim=-1).T
-    key_accuracy = float((seen[guess.argmax(-1)] == ids[-held_out:]).float().mean())
+    readout, key_accuracy = _fit_key(aux, ids, emb_in, seen, ridge)  # (3·H_t, H)
+    starts = torch.tensor([0] + [t.numel() for t in input_ids[:-1]], device=ids.device).cumsum(0)
+    has_prev = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+    has_prev[starts] = False  # a sample's first slot has no token before it
+    prev_aux, prev_ids = aux[has_prev], ids.roll(1)[has_prev]
 
     inv_freq = rope_inv_freq(hd, c.rope_theta, c.rope_scaling)
     pairs = content_pairs(hd, inv_freq, max_position)
-    dims = torch.tensor(pairs + [p + hd // 2 for p in pairs], device=ids.device)
-    basis = _whitened_basis(emb_in[seen], max(hd, len(dims)))  # token codes, decorrelated
-    dims = dims[: len(basis)]
-    match_code, value_code = basis[: len(dims)], basis[:hd]
+    prev_pairs = next_slowest_pairs(inv_freq, pairs, len(pairs)) if previous > 0 else []
+    basis = _whitened_basis(emb_in[seen], max(hd, 2 * len(pairs)))  # token codes, decorrelated
+    dims = _pair_dims(pairs, hd, ids.device)[: len(basis)]
+    prev_dims = _pair_dims(prev_pairs, hd, ids.device)[: len(basis)]
+    match_code, value_code, prev_code = basis[: len(dims)], basis[:hd], basis[: len(prev_dims)]
 
     # fc: the slot's token code (all n value dims) alone in a random n-dim subspace of the hidden
     # stream, each dim as large as a dim of the rest of it. Its first dims are the match code.
-    n = len(value_code)
+    # The previous token's code (m dims) gets a second subspace the same way.
+    n, m = len(value_code), len(prev_code)
     gen = torch.Generator().manual_seed(seed)
-    subspace, _ = torch.linalg.qr(torch.randn(H, n, generator=gen, dtype=torch.float32))
+    subspace, _ = torch.linalg.qr(torch.randn(H, n + m, generator=gen, dtype=torch.float32))
     subspace = subspace.to(ids.device)
-    probe, probe_ids = aux[: min(len(aux), 4096)], ids[: min(len(aux), 4096)]
+    own_sub, prev_sub = subspace[:, :n], subspace[:, n:]
+    probe, probe_ids = aux[:4096], ids[:4096]
     fc = draft.fc.weight.float()
     hidden_rms = _rms(probe @ fc.T)
     fc_scale = hidden_rms / max(_rms(probe @ readout @ value_code.T), 1e-12)
-    fc = fc - subspace @ (subspace.T @ fc) + fc_scale * subspace @ value_code @ readout.T
+    fc = fc - subspace @ (subspace.T @ fc) + fc_scale * own_sub @ value_code @ readout.T
+    if m:
+        prev_readout, prev_accuracy = _fit_key(prev_aux, prev_ids, emb_in, seen, ridge)
+        prev_scale = hidden_rms / max(_rms(prev_aux[:4096] @ prev_readout @ prev_code.T), 1e-12)
+        fc = fc + prev_scale * prev_sub @ prev_code @ prev_readout.T
     draft.fc.weight.copy_(fc.to(draft.fc.weight.dtype))
     # hidden_norm rescales every slot: fit the gain from the true code to what q/k/v read there.
     true_code = emb_in[probe_ids] @ value_code.T
-    read = mid.hidden_norm(probe @ draft.fc.weight.float().T) @ subspace
-    gain = float((read * true_code).sum() / true_code.pow(2).sum().clamp_min(1e-12))
+    gain = _gain(true_code, mid.hidden_norm(probe @ draft.fc.weight.float().T) @ own_sub)
 
     q_rows = slice(kv_head * g * hd, (kv_head + 1) * g * hd)
     kv_rows = slice(kv_head * hd, (kv_head + 1) * hd)
     wq = torch.zeros(g, hd, 2 * H, device=ids.device)
     wq[:, dims, :H] = sharpness * match_code
     wk = torch.zeros(hd, 2 * H, device=ids.device)
-    wk[dims, H:] = subspace[:, : len(dims)].T / gain
+    wk[dims, H:] = own_sub[:, : len(dims)].T / gain
+    if m:  # query: the slot's own token x_t; key: the token before the slot's, x_{s-1}
+        prev_read = mid.hidden_norm(prev_aux[:4096] @ draft.fc.weight.float().T) @ prev_sub
+        prev_gain = _gain(emb_in[prev_ids[:4096]] @ prev_code.T, prev_read)
+        wq[:, prev_dims, H:] = previous * sharpness * own_sub[:, :m].T / gain
+        wk[prev_dims, H:] = prev_sub.T / prev_gain
     # The value is the next token's code; with ``unwrite`` it also subtracts the slot's own token's
     # code, so a chain step removes the copy its previous step wrote (that token is now its input).
     wv = torch.zeros(hd, 2 * H, device=ids.device)
     wv[:n, :H] = value_code
-    wv[:n, H:] = -unwrite * subspace.T / gain
+    wv[:n, H:] = -unwrite * own_sub.T / gain
     planted = ((attn.q_proj, q_rows, wq.reshape(g * hd, 2 * H)), (attn.k_proj, kv_rows, wk), (attn.v_proj, kv_rows, wv))
     for proj, rows, w in planted:
         proj.weight[rows] = w.to(proj.weight.dtype)
@@ -164,15 +215,18 @@ def plant_copy_head(
     writer = torch.linalg.lstsq(head, vocab_codes).solution  # (H, n): head_j @ writer ~ code_j
     copy_scale = strength * hidden_rms / max(_rms(true_code @ writer.T), 1e-12) / g
     for h in range(kv_head * g, (kv_head + 1) * g):
-        cols = slice(h * hd, h * hd + len(value_code))
+        cols = slice(h * hd, h * hd + n)
         attn.o_proj.weight[:, cols] = (copy_scale * writer).to(attn.o_proj.weight.dtype)
-    return {
+    report = {
         "tokens": float(len(ids)),
         "content_dims": float(len(dims)),
         "key_token_accuracy": key_accuracy,
         "fc_scale": fc_scale,
         "copy_scale": copy_scale,
     }
+    if m:
+        report.update(previous_dims=float(m), previous_token_accuracy=prev_accuracy)
+    return report
 
 
-__all__ = ["content_pairs", "fit_token_readout", "plant_copy_head"]
+__all__ = ["content_pairs", "fit_token_readout", "next_slowest_pairs", "plant_copy_head"]

@@ -79,7 +79,8 @@ def compute_teacher(
 
     ``loss_mask`` should be the effective mask. The logits are computed in the
     head's dtype (fp32 stays exact; a bf16 head accumulates in fp32 as upstream)
-    with autocast off; argmax and softmax run in fp32. ``chunk_size`` bounds the
+    with autocast off; the argmax reads those logits (widening them to fp32 would not
+    change it) and the softmax runs in fp32. ``chunk_size`` bounds the
     rows whose full-vocab logits exist at once.
     """
     B, S, H = last_hidden.shape
@@ -90,9 +91,11 @@ def compute_teacher(
     ids, probs = [], []
     with torch.autocast(device_type=last_hidden.device.type, enabled=False):
         for chunk in hidden.split(chunk_size or max(1, hidden.shape[0])):
-            logits = F.linear(chunk.to(head_weight.dtype), head_weight).float()
+            # A bf16 head's logits are rounded to bf16 already: the argmax needs no fp32 copy of
+            # the full vocab, only the draft columns are widened for the softmax.
+            logits = F.linear(chunk.to(head_weight.dtype), head_weight)
             ids.append(logits.argmax(-1))
-            probs.append(logits.index_select(-1, draft_rows).softmax(-1))
+            probs.append(logits.index_select(-1, draft_rows).float().softmax(-1))
     target_ids = torch.zeros(B * S, dtype=torch.long, device=last_hidden.device)
     target_p = torch.zeros(B * S, len(draft_rows), dtype=torch.float32, device=last_hidden.device)
     if rows.numel():

@@ -59,6 +59,8 @@ class Eagle3Module(LazyDraftModule):
             features). Best with ``init_lm_head`` and ``init_norm``.
         init_copy_strength, init_copy_sharpness: size of the copied token's vector relative
             to the hidden stream, and the query scale (softmax temperature).
+        init_copy_previous: weight of the previous-token match (0: match one token only);
+            it tells apart two occurrences of a token by the token before each.
 
     Gradient clipping is the Trainer's ``gradient_clip_val`` (recipes use 0.5, as upstream).
     """
@@ -95,6 +97,7 @@ class Eagle3Module(LazyDraftModule):
         init_copy_samples: int = 128,
         init_copy_strength: float = 2.0,
         init_copy_sharpness: float = 3.0,
+        init_copy_previous: float = 0.0,
     ) -> None:
         super().__init__()
         if loss_normalize not in ("positions", "tokens"):
@@ -180,10 +183,17 @@ class Eagle3Module(LazyDraftModule):
             max_position=max(512, self.context.max_length),
             sharpness=self.hparams.init_copy_sharpness,
             strength=self.hparams.init_copy_strength,
+            previous=self.hparams.init_copy_previous,
+        )
+        previous = (
+            f"; the previous token for {report['previous_token_accuracy']:.0%} ({int(report['previous_dims'])} dims)"
+            if "previous_dims" in report
+            else ""
         )
         rank_zero_info(
             f"copy head planted from {int(report['tokens'])} sample tokens: keys recover the slot's token for "
             f"{report['key_token_accuracy']:.0%} of held-out positions ({int(report['content_dims'])} content dims)"
+            + previous
         )
         return report
 
