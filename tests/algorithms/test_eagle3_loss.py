@@ -18,7 +18,7 @@ from specforge_lightning.algorithms.eagle3.loss import (
     effective_loss_mask,
     later_scored_rows,
 )
-from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft
+from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft, shift_left
 
 B, S, H, V, VD = 2, 10, 32, 50, 20
 
@@ -280,3 +280,18 @@ def test_counts_and_misses_outside_draft_vocab():
     assert out.correct[0].item() == 2  # positions 0 and 3
     # step 1 scores logits at t against the teacher at t+1: targets 4,3,1,2 vs preds 2,1,4,1
     assert out.correct[1].item() == 0
+
+
+def test_bf16_teacher_equals_its_fp32_widened_logits():
+    """A bf16 head's logits widened to fp32 first give the same argmax and draft-vocab softmax, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(300, 16, generator=g).bfloat16()
+    last = torch.randn(2, 9, 16, generator=g).bfloat16()
+    t2d = torch.zeros(300, dtype=torch.bool)
+    t2d[torch.randperm(300, generator=g)[:120]] = True
+    mask = effective_loss_mask(torch.ones(2, 9, dtype=torch.long))
+    teacher = compute_teacher(last, head, t2d, mask)
+    logits = torch.nn.functional.linear(shift_left(last, 1), head).float()  # widened after the bf16 matmul
+    rows = mask.bool()
+    assert torch.equal(teacher.target_ids[rows], logits.argmax(-1)[rows])
+    assert torch.equal(teacher.target_p[rows], logits[..., t2d].softmax(-1)[rows])

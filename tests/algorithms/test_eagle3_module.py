@@ -246,6 +246,11 @@ def test_copy_head_is_planted_on_a_fresh_fit_only(target, tmp_path):
     assert data.calls == 1  # resuming restores the weights; nothing is planted again
 
 
+def test_negative_previous_weight_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="init_copy_previous must be >= 0"):
+        Eagle3Module(init_copy_head=True, init_copy_previous=-0.5)
+
+
 def test_copy_head_needs_samples_before_training(target):
     _, context, batches = target
     module = Eagle3Module(init_copy_head=True)

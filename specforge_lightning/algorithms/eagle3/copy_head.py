@@ -54,7 +54,8 @@ def next_slowest_pairs(inv_freq: torch.Tensor, taken: Sequence[int], count: int,
     """Up to ``count`` of the slowest RoPE pairs not in ``taken`` that turn by at most 90 degrees
     over ``near`` tokens. They turn with distance, which only favours recent matches: a loop's
     previous occurrence is near (SmolLM2's answers: median 15 tokens back)."""
-    order = [i for i in torch.argsort(inv_freq).tolist() if i not in set(taken)]
+    taken = set(taken)
+    order = [i for i in torch.argsort(inv_freq).tolist() if i not in taken]
     return sorted(i for i in order[:count] if float(inv_freq[i]) * near <= math.pi / 2)
 
 
@@ -154,10 +155,6 @@ def plant_copy_head(
     # Keys: which token sits at the slot (and, with ``previous``, the one before), read from the aux states.
     seen = torch.unique(ids)
     readout, key_accuracy = _fit_key(aux, ids, emb_in, seen, ridge)  # (3·H_t, H)
-    starts = torch.tensor([0] + [t.numel() for t in input_ids[:-1]], device=ids.device).cumsum(0)
-    has_prev = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
-    has_prev[starts] = False  # a sample's first slot has no token before it
-    prev_aux, prev_ids = aux[has_prev], ids.roll(1)[has_prev]
 
     inv_freq = rope_inv_freq(hd, c.rope_theta, c.rope_scaling)
     pairs = content_pairs(hd, inv_freq, max_position)
@@ -181,8 +178,13 @@ def plant_copy_head(
     fc_scale = hidden_rms / max(_rms(probe @ readout @ value_code.T), 1e-12)
     fc = fc - subspace @ (subspace.T @ fc) + fc_scale * own_sub @ value_code @ readout.T
     if m:
+        starts = torch.tensor([0] + [t.numel() for t in input_ids[:-1]], device=ids.device).cumsum(0)
+        has_prev = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+        has_prev[starts] = False  # a sample's first slot has no token before it
+        prev_aux, prev_ids = aux[has_prev], ids.roll(1)[has_prev]
+        prev_probe, prev_probe_ids = prev_aux[:4096], prev_ids[:4096]
         prev_readout, prev_accuracy = _fit_key(prev_aux, prev_ids, emb_in, seen, ridge)
-        prev_scale = hidden_rms / max(_rms(prev_aux[:4096] @ prev_readout @ prev_code.T), 1e-12)
+        prev_scale = hidden_rms / max(_rms(prev_probe @ prev_readout @ prev_code.T), 1e-12)
         fc = fc + prev_scale * prev_sub @ prev_code @ prev_readout.T
     draft.fc.weight.copy_(fc.to(draft.fc.weight.dtype))
     # hidden_norm rescales every slot: fit the gain from the true code to what q/k/v read there.
@@ -196,8 +198,8 @@ def plant_copy_head(
     wk = torch.zeros(hd, 2 * H, device=ids.device)
     wk[dims, H:] = own_sub[:, : len(dims)].T / gain
     if m:  # query: the slot's own token x_t; key: the token before the slot's, x_{s-1}
-        prev_read = mid.hidden_norm(prev_aux[:4096] @ draft.fc.weight.float().T) @ prev_sub
-        prev_gain = _gain(emb_in[prev_ids[:4096]] @ prev_code.T, prev_read)
+        prev_read = mid.hidden_norm(prev_probe @ draft.fc.weight.float().T) @ prev_sub
+        prev_gain = _gain(emb_in[prev_probe_ids] @ prev_code.T, prev_read)
         wq[:, prev_dims, H:] = previous * sharpness * own_sub[:, :m].T / gain
         wk[prev_dims, H:] = prev_sub.T / prev_gain
     # The value is the next token's code; with ``unwrite`` it also subtracts the slot's own token's

@@ -104,6 +104,8 @@ class Eagle3Module(LazyDraftModule):
             raise ValueError(f"loss_normalize must be 'positions' or 'tokens', got {loss_normalize!r}")
         if ttt_length < 1:
             raise ValueError(f"ttt_length must be >= 1, got {ttt_length}")
+        if init_copy_previous < 0:
+            raise ValueError(f"init_copy_previous must be >= 0 (0: off), got {init_copy_previous}")
         self.save_hyperparameters()
         self.draft: Eagle3Draft | None = None
         self.draft_config: Eagle3Config | None = None
