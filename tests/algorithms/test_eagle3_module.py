@@ -246,6 +246,23 @@ def test_copy_head_is_planted_on_a_fresh_fit_only(target, tmp_path):
     assert data.calls == 1  # resuming restores the weights; nothing is planted again
 
 
+def test_current_token_head_is_planted_next_to_the_copy_head(target, tmp_path):
+    model, context, batches = target
+    data = SampledData(context, batches, model)
+    both = Eagle3Module(
+        ttt_length=2, init_lm_head=True, init_norm=True, init_copy_head=True, init_copy_samples=16, init_self_head=True
+    )
+    trainer(max_steps=1, limit_val_batches=1, val_check_interval=1, default_root_dir=tmp_path).fit(both, datamodule=data)
+    assert data.calls == 1  # both heads are fitted on one read of the samples
+    k = both.draft.midlayer.self_attn.k_proj.weight
+    head_dim = both.draft_config.head_dim
+    assert not k[:head_dim, :H].abs().gt(1e-2).any()  # key/value head 0: the copy head keys on the hidden half
+    assert not k[head_dim : 2 * head_dim, H:].abs().gt(1e-2).any()  # head 1: the current-token head, embedding half
+    alone = Eagle3Module(ttt_length=2, init_lm_head=True, init_norm=True, init_copy_samples=16, init_self_head=True)
+    trainer(max_steps=1, limit_val_batches=1, val_check_interval=1, default_root_dir=tmp_path).fit(alone, datamodule=data)
+    assert not alone.draft.midlayer.self_attn.k_proj.weight[:head_dim, H:].abs().gt(1e-2).any()  # alone: head 0
+
+
 def test_negative_previous_weight_is_refused_before_any_work():
     with pytest.raises(ValueError, match="init_copy_previous must be >= 0"):
         Eagle3Module(init_copy_head=True, init_copy_previous=-0.5)

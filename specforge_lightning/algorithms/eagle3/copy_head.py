@@ -102,7 +102,7 @@ def _gain(true_code: torch.Tensor, read: torch.Tensor) -> float:
     return float((read * true_code).sum() / true_code.pow(2).sum().clamp_min(1e-12))
 
 
-def _whitened_basis(rows: torch.Tensor, n: int) -> torch.Tensor:
+def whitened_basis(rows: torch.Tensor, n: int) -> torch.Tensor:
     """The top-``n`` principal directions of ``rows``, each scaled to unit variance: (n, H)."""
     centred = rows - rows.mean(0)
     var, vecs = torch.linalg.eigh(centred.T @ centred / len(rows))  # ascending
@@ -159,7 +159,7 @@ def plant_copy_head(
     inv_freq = rope_inv_freq(hd, c.rope_theta, c.rope_scaling)
     pairs = content_pairs(hd, inv_freq, max_position)
     prev_pairs = next_slowest_pairs(inv_freq, pairs, len(pairs)) if previous > 0 else []
-    basis = _whitened_basis(emb_in[seen], max(hd, 2 * len(pairs)))  # token codes, decorrelated
+    basis = whitened_basis(emb_in[seen], max(hd, 2 * len(pairs)))  # token codes, decorrelated
     dims = _pair_dims(pairs, hd, ids.device)[: len(basis)]
     prev_dims = _pair_dims(prev_pairs, hd, ids.device)[: len(basis)]
     match_code, value_code, prev_code = basis[: len(dims)], basis[:hd], basis[: len(prev_dims)]
@@ -231,4 +231,4 @@ def plant_copy_head(
     return report
 
 
-__all__ = ["content_pairs", "fit_token_readout", "next_slowest_pairs", "plant_copy_head"]
+__all__ = ["content_pairs", "fit_token_readout", "next_slowest_pairs", "plant_copy_head", "whitened_basis"]

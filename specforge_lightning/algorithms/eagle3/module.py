@@ -31,6 +31,7 @@ from specforge_lightning.algorithms.eagle3.loss import (
     later_scored_rows,
 )
 from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft, target_keys_for_init
+from specforge_lightning.algorithms.eagle3.self_head import plant_self_head
 from specforge_lightning.contracts import FeatureContext, StrategySpec
 from specforge_lightning.evaluation.metrics import AcceptanceMetric
 
@@ -61,6 +62,10 @@ class Eagle3Module(LazyDraftModule):
             to the hidden stream, and the query scale (softmax temperature).
         init_copy_previous: weight of the previous-token match (0: match one token only);
             it tells apart two occurrences of a token by the token before each.
+        init_self_head: plant a current-token head (``self_head.plant_self_head``) that carries
+            the embedding of the token drafted from into the residual stream as a bigram guess;
+            fitted on the same samples (key/value head 1 when the copy head holds head 0).
+        init_self_strength: size of its write relative to the hidden stream (``fc``'s output).
 
     Gradient clipping is the Trainer's ``gradient_clip_val`` (recipes use 0.5, as upstream).
     """
@@ -98,6 +103,8 @@ class Eagle3Module(LazyDraftModule):
         init_copy_strength: float = 2.0,
         init_copy_sharpness: float = 3.0,
         init_copy_previous: float = 0.0,
+        init_self_head: bool = False,
+        init_self_strength: float = 8.0,
     ) -> None:
         super().__init__()
         if loss_normalize not in ("positions", "tokens"):
@@ -165,38 +172,68 @@ class Eagle3Module(LazyDraftModule):
     def on_fit_start(self) -> None:
         # Here, not in setup: only now does the trainer know whether a checkpoint was restored.
         fresh = self.trainer.ckpt_path is None and self.trainer.global_step == 0
-        if fresh and self.hparams.init_copy_head:
-            self.plant_copy_head(self.trainer.datamodule)
+        if fresh and (self.hparams.init_copy_head or self.hparams.init_self_head):
+            self.plant_heads(self.trainer.datamodule)
 
-    def plant_copy_head(self, datamodule: Any) -> dict[str, float]:
-        """Fit and plant the copy head on the datamodule's first training samples (logged once)."""
+    def plant_heads(self, datamodule: Any) -> dict[str, float]:
+        """Fit and plant the current-token and/or copy head on the datamodule's first training samples."""
+        hp = self.hparams
+        flag = "init_self_head" if hp.init_self_head else "init_copy_head"
         sample = getattr(datamodule, "sample_features", None)
         if sample is None:
             raise ValueError(
-                f"model.init_copy_head needs training samples before the first step, which "
+                f"model.{flag} needs training samples before the first step, which "
                 f"{type(datamodule).__name__} cannot provide (no sample_features); use offline features "
-                "(FeatureDataModule) or set model.init_copy_head=false"
+                f"(FeatureDataModule) or set model.{flag}=false"
             )
-        samples = sample(self.hparams.init_copy_samples, keys=("input_ids", "aux_hidden_states"))
-        report = plant_copy_head(
-            self.draft,
-            [s["input_ids"] for s in samples],
-            [s["aux_hidden_states"] for s in samples],
-            max_position=max(512, self.context.max_length),
-            sharpness=self.hparams.init_copy_sharpness,
-            strength=self.hparams.init_copy_strength,
-            previous=self.hparams.init_copy_previous,
-        )
-        previous = (
-            f"; the previous token for {report['previous_token_accuracy']:.0%} ({int(report['previous_dims'])} dims)"
-            if "previous_dims" in report
-            else ""
-        )
-        rank_zero_info(
-            f"copy head planted from {int(report['tokens'])} sample tokens: keys recover the slot's token for "
-            f"{report['key_token_accuracy']:.0%} of held-out positions ({int(report['content_dims'])} content dims)"
-            + previous
-        )
+        keys = ["input_ids", "aux_hidden_states"]
+        if hp.init_self_head:
+            keys += ["loss_mask", "last_hidden_state"]
+        samples = sample(hp.init_copy_samples, keys=tuple(keys))
+        columns = {k: [s[k] for s in samples] for k in keys}
+        report: dict[str, float] = {}
+        if hp.init_self_head:
+            kv_head = 1 if hp.init_copy_head else 0
+            if kv_head >= self.draft_config.num_key_value_heads:
+                raise ValueError(
+                    "model.init_self_head and model.init_copy_head each need their own key/value head; "
+                    f"this draft has {self.draft_config.num_key_value_heads}"
+                )
+            own = plant_self_head(
+                self.draft,
+                columns["input_ids"],
+                columns["aux_hidden_states"],
+                columns["last_hidden_state"],
+                columns["loss_mask"],
+                kv_head=kv_head,
+                strength=hp.init_self_strength,
+            )
+            rank_zero_info(
+                f"current-token head planted from {int(own['tokens'])} supervised sample tokens: its bigram guess "
+                f"agrees with the target's next state for {own['bigram_accuracy']:.0%} of held-out positions"
+            )
+            report.update({f"self_{k}": v for k, v in own.items()})
+        if hp.init_copy_head:
+            copy = plant_copy_head(
+                self.draft,
+                columns["input_ids"],
+                columns["aux_hidden_states"],
+                max_position=max(512, self.context.max_length),
+                sharpness=hp.init_copy_sharpness,
+                strength=hp.init_copy_strength,
+                previous=hp.init_copy_previous,
+            )
+            previous = (
+                f"; the previous token for {copy['previous_token_accuracy']:.0%} ({int(copy['previous_dims'])} dims)"
+                if "previous_dims" in copy
+                else ""
+            )
+            rank_zero_info(
+                f"copy head planted from {int(copy['tokens'])} sample tokens: keys recover the slot's token for "
+                f"{copy['key_token_accuracy']:.0%} of held-out positions ({int(copy['content_dims'])} content dims)"
+                + previous
+            )
+            report.update(copy)
         return report
 
     @staticmethod
