@@ -12,27 +12,15 @@ from specforge_lightning.algorithms.eagle3.copy_head import (
     next_slowest_pairs,
     plant_copy_head,
 )
-from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft
+from specforge_lightning.algorithms.eagle3.model import Eagle3Draft
+from tests.algorithms.eagle3_fixtures import tied_draft
 
 V, H, HD = 96, 64, 32
 
 
 def make_draft(seed: int = 0) -> tuple[Eagle3Draft, torch.Tensor]:
     """A draft whose lm_head and norm come from a tied 'target' embedding, plus the aux mixing matrix."""
-    torch.manual_seed(seed)
-    cfg = Eagle3Config(
-        hidden_size=H, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=HD,
-        rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=512, vocab_size=V,
-        draft_vocab_size=V, target_hidden_size=H, aux_layer_ids=(1, 2, 3),
-    )
-    draft = Eagle3Draft(cfg)
-    emb = torch.randn(V, H)
-    draft.embed_tokens.weight = emb
-    draft.init_from_target(
-        {"embed_tokens.weight": emb, "norm.weight": torch.ones(H)}, {"tie_word_embeddings": True},
-        lm_head=True, norm=True, fc=False, midlayer=False,
-    )
-    return draft, torch.randn(H, H) / H**0.5
+    return tied_draft(V, H, HD, seed), torch.randn(H, H) / H**0.5
 
 
 def aux_of(

@@ -5,28 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft
+from specforge_lightning.algorithms.eagle3.model import Eagle3Draft
 from specforge_lightning.algorithms.eagle3.self_head import plant_self_head
+from tests.algorithms.eagle3_fixtures import tied_draft
 
 V, H, HD = 32, 64, 32
 
 
 def make_draft() -> Eagle3Draft:
-    """A draft whose lm_head and norm come from a tied 'target' embedding (V < H: tokens are independent)."""
-    torch.manual_seed(0)
-    cfg = Eagle3Config(
-        hidden_size=H, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=HD,
-        rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=512, vocab_size=V,
-        draft_vocab_size=V, target_hidden_size=H, aux_layer_ids=(1, 2, 3),
-    )
-    draft = Eagle3Draft(cfg)
-    emb = torch.randn(V, H)
-    draft.embed_tokens.weight = emb
-    draft.init_from_target(
-        {"embed_tokens.weight": emb, "norm.weight": torch.ones(H)}, {"tie_word_embeddings": True},
-        lm_head=True, norm=True, fc=False, midlayer=False,
-    )
-    return draft
+    """A tied draft with V < H: the tokens' embeddings are linearly independent."""
+    return tied_draft(V, H, HD)
 
 
 SUCCESSOR = torch.randperm(V, generator=torch.Generator().manual_seed(3))
