@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import lightning as L
@@ -273,3 +274,15 @@ def test_copy_head_needs_samples_before_training(target):
     module = Eagle3Module(init_copy_head=True)
     with pytest.raises(ValueError, match="init_copy_head needs training samples"):
         trainer(max_steps=1).fit(module, datamodule=ListData(context, batches))
+    module = Eagle3Module(init_self_head=True)
+    with pytest.raises(ValueError, match="init_self_head needs training samples"):
+        trainer(max_steps=1).fit(module, datamodule=ListData(context, batches))
+
+
+def test_both_planted_heads_need_two_key_value_heads(target):
+    model, context, batches = target
+    module = Eagle3Module(init_lm_head=True, init_norm=True, init_copy_head=True, init_self_head=True)
+    module.build(context)
+    module.draft_config = dataclasses.replace(module.draft_config, num_key_value_heads=1, num_attention_heads=4)
+    with pytest.raises(ValueError, match="each need their own key/value head; this draft has 1"):
+        module.plant_heads(SampledData(context, batches, model))

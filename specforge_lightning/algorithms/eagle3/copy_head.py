@@ -63,7 +63,7 @@ def _pair_dims(pairs: Sequence[int], head_dim: int, device: torch.device) -> tor
     return torch.tensor(list(pairs) + [p + head_dim // 2 for p in pairs], device=device)
 
 
-def _rms(x: torch.Tensor) -> float:
+def rms(x: torch.Tensor) -> float:
     return float(x.pow(2).mean().sqrt())
 
 
@@ -174,8 +174,8 @@ def plant_copy_head(
     own_sub, prev_sub = subspace[:, :n], subspace[:, n:]
     probe, probe_ids = aux[:4096], ids[:4096]
     fc = draft.fc.weight.float()
-    hidden_rms = _rms(probe @ fc.T)
-    fc_scale = hidden_rms / max(_rms(probe @ readout @ value_code.T), 1e-12)
+    hidden_rms = rms(probe @ fc.T)
+    fc_scale = hidden_rms / max(rms(probe @ readout @ value_code.T), 1e-12)
     fc = fc - subspace @ (subspace.T @ fc) + fc_scale * own_sub @ value_code @ readout.T
     if m:
         starts = torch.tensor([0] + [t.numel() for t in input_ids[:-1]], device=ids.device).cumsum(0)
@@ -184,7 +184,7 @@ def plant_copy_head(
         prev_aux, prev_ids = aux[has_prev], ids.roll(1)[has_prev]
         prev_probe, prev_probe_ids = prev_aux[:4096], prev_ids[:4096]
         prev_readout, prev_accuracy = _fit_key(prev_aux, prev_ids, emb_in, seen, ridge)
-        prev_scale = hidden_rms / max(_rms(prev_probe @ prev_readout @ prev_code.T), 1e-12)
+        prev_scale = hidden_rms / max(rms(prev_probe @ prev_readout @ prev_code.T), 1e-12)
         fc = fc + prev_scale * prev_sub @ prev_code @ prev_readout.T
     draft.fc.weight.copy_(fc.to(draft.fc.weight.dtype))
     # hidden_norm rescales every slot: fit the gain from the true code to what q/k/v read there.
@@ -215,7 +215,7 @@ def plant_copy_head(
     head = draft.lm_head.weight.float() * draft.norm.weight.float()
     vocab_codes = emb_in[draft.to_target_ids(torch.arange(c.draft_vocab_size, device=ids.device))] @ value_code.T
     writer = torch.linalg.lstsq(head, vocab_codes).solution  # (H, n): head_j @ writer ~ code_j
-    copy_scale = strength * hidden_rms / max(_rms(true_code @ writer.T), 1e-12) / g
+    copy_scale = strength * hidden_rms / max(rms(true_code @ writer.T), 1e-12) / g
     for h in range(kv_head * g, (kv_head + 1) * g):
         cols = slice(h * hd, h * hd + n)
         attn.o_proj.weight[:, cols] = (copy_scale * writer).to(attn.o_proj.weight.dtype)
@@ -231,4 +231,4 @@ def plant_copy_head(
     return report
 
 
-__all__ = ["content_pairs", "fit_token_readout", "next_slowest_pairs", "plant_copy_head", "whitened_basis"]
+__all__ = ["content_pairs", "fit_token_readout", "next_slowest_pairs", "plant_copy_head", "rms", "whitened_basis"]

@@ -28,12 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
-from specforge_lightning.algorithms.eagle3.copy_head import fit_token_readout, whitened_basis
+from specforge_lightning.algorithms.eagle3.copy_head import fit_token_readout, rms, whitened_basis
 from specforge_lightning.algorithms.eagle3.model import Eagle3Draft
-
-
-def _rms(x: torch.Tensor) -> float:
-    return float(x.pow(2).mean().sqrt())
 
 
 @torch.no_grad()
@@ -65,15 +61,17 @@ def plant_self_head(
     if c.hidden_size != c.target_hidden_size:
         raise ValueError("the current-token head regresses onto target states: needs draft hidden == target hidden")
     device = draft.d2t.device
+    probe_rows = 4096  # supervised slots whose aux states size fc's output
     rows_ids, rows_aux, rows_next = [], [], []
     for ids, aux, last, mask in zip(input_ids, aux_hidden, last_hidden, loss_mask):
         ids, mask = ids.reshape(-1).to(device), mask.reshape(-1).to(device)
         slots = mask[:-1].bool().nonzero().squeeze(-1)  # slot t reads x_{t+1}, its teacher is the state at t+1
         rows_ids.append(ids[slots + 1])
-        rows_aux.append(aux.reshape(len(ids), -1)[slots].float().to(device))
         rows_next.append(last.reshape(len(ids), -1)[slots + 1].float().to(device))
-    tokens, aux = torch.cat(rows_ids), torch.cat(rows_aux)
-    nxt = torch.cat(rows_next)
+        missing = probe_rows - sum(len(a) for a in rows_aux)
+        if missing > 0:  # only the probe's aux rows, not a float copy of every sample's
+            rows_aux.append(aux.reshape(len(ids), -1)[slots[:missing]].float().to(device))
+    tokens, probe_aux, nxt = torch.cat(rows_ids), torch.cat(rows_aux), torch.cat(rows_next)
     H, hd = c.hidden_size, c.head_dim
     if len(tokens) < 4 * H:
         raise ValueError(f"a current-token head needs at least {4 * H} supervised sample tokens, got {len(tokens)}")
@@ -89,9 +87,9 @@ def plant_self_head(
     u, s, vh = torch.linalg.svd(bigram, full_matrices=False)
     r = min(hd, len(s))
     value_dirs, write = u[:, :r].T, s[:r, None] * vh[:r]  # emb -> r dims -> hidden
-    probe = tokens[:4096]
-    hidden_rms = _rms(aux[:4096] @ draft.fc.weight.float().T)
-    scale = strength * hidden_rms / max(_rms(emb_in[probe] @ value_dirs.T @ write), 1e-12)
+    probe = tokens[:probe_rows]
+    hidden_rms = rms(probe_aux @ draft.fc.weight.float().T)
+    scale = strength * hidden_rms / max(rms(emb_in[probe] @ value_dirs.T @ write), 1e-12)
 
     code = whitened_basis(emb_in[torch.unique(tokens)], hd)  # (<= hd, H)
     g = c.num_attention_heads // c.num_key_value_heads
