@@ -157,10 +157,13 @@ class StrategySpec:
     sample must contain to be useful (1 for EAGLE3, 2 for the DFlash family).
     ``loss`` is the algorithm's loss function; it returns the loss and
     count-based acceptance statistics (numerators and denominators).
+    ``optional_features`` are delivered when the features hold them (e.g. a shortcut the
+    algorithm can otherwise compute itself); older feature sets without them still train.
     """
 
     name: str
     features: tuple[str, ...]
+    optional_features: tuple[str, ...] = ()
     min_supervised_run: int = 1
     layer_preset: str = "eagle3"
     loss: Any = None

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -206,15 +207,19 @@ def load_vocab_mapping(path: str | Path, vocab_size: int, draft_vocab_size: int)
 # --------------------------------------------------------------------------- optimisation
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0) -> float:
+def warmup_cosine(
+    step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0, min_progress: float = 0.0
+) -> float:
     """LR multiplier: linear warmup ``(step+1)/warmup`` then cosine from 1 to ``min_lr_ratio``.
 
     ``warmup = int(warmup_ratio * total_steps)`` as upstream; the cosine spans the remaining steps.
+    ``min_progress`` (0..1) moves the cosine at least that far along, e.g. the spent share of
+    a time budget, so that a run cut by time still ends annealed.
     """
     warmup = int(warmup_ratio * total_steps)
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    progress = min(1.0, max(min_progress, (step - warmup) / max(1, total_steps - warmup)))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -227,8 +232,13 @@ def build_adamw_cosine(
     betas: tuple[float, float] = (0.9, 0.999),
     warmup_ratio: float = 0.015,
     min_lr_ratio: float = 0.0,
+    time_progress: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
-    """AdamW plus a per-optimizer-step warmup/cosine schedule, in Lightning's return format."""
+    """AdamW plus a per-optimizer-step warmup/cosine schedule, in Lightning's return format.
+
+    ``time_progress`` (spent share of a time budget, 0..1) makes the cosine follow the larger
+    of the step and the time fractions: see ``time_budget_progress``.
+    """
     if not math.isfinite(total_steps) or total_steps <= 0:
         raise ValueError(
             f"the LR schedule needs a finite step horizon, got {total_steps}; set trainer.max_steps for streams"
@@ -236,9 +246,29 @@ def build_adamw_cosine(
     total = int(total_steps)
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=betas, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total, warmup_ratio, min_lr_ratio)
+        optimizer,
+        lambda step: warmup_cosine(
+            step, total, warmup_ratio, min_lr_ratio, time_progress() if time_progress is not None else 0.0
+        ),
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def time_budget_progress(trainer: L.Trainer) -> Callable[[], float]:
+    """The share of ``trainer.max_time`` spent training so far, as a callable for the schedule.
+
+    It reads Lightning's ``Timer``, whose elapsed time is saved in checkpoints, so a resumed
+    run continues the same budget. Without ``max_time`` there is no budget to follow.
+    """
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is None or timer.time_remaining() is None:
+        raise ValueError("anneal_by_time needs a time budget: set trainer.max_time")
+
+    def progress() -> float:
+        elapsed = timer.time_elapsed()
+        return min(1.0, elapsed / max(1e-9, elapsed + timer.time_remaining()))
+
+    return progress
 
 
 class LazyDraftModule(L.LightningModule):
@@ -250,7 +280,11 @@ class LazyDraftModule(L.LightningModule):
     weights (``load_from_checkpoint`` needs no datamodule). Subclasses provide
     ``build(context)``, ``config_class`` and ``restore(context, config)``, and hparams
     ``lr``, ``weight_decay``, ``betas``, ``warmup_ratio``, ``min_lr_ratio`` for the
-    optimizer (AdamW over the draft, warmup + cosine per optimizer step).
+    optimizer (AdamW over the draft, warmup + cosine per optimizer step), and optionally
+    ``anneal_by_time``: the cosine then also follows the spent share of ``trainer.max_time``
+    (whichever of steps and time is further along), so that a time-capped run ends at the
+    minimum LR on a slow machine and trains to the budget on a fast one (with ``max_steps``
+    as a cap). The LR then depends on wall time: a resumed run is not bit-identical.
     """
 
     checkpoint_key: ClassVar[str]
@@ -304,4 +338,5 @@ class LazyDraftModule(L.LightningModule):
             betas=tuple(hp.betas),
             warmup_ratio=hp.warmup_ratio,
             min_lr_ratio=hp.min_lr_ratio,
+            time_progress=time_budget_progress(self.trainer) if hp.get("anneal_by_time") else None,
         )

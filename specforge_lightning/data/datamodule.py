@@ -52,7 +52,8 @@ class SampleTransform:
             missing = [f for f in self.spec.features if f not in sample]
             if missing:
                 raise KeyError(f"sample lacks features {missing} that strategy {self.spec.name!r} needs")
-            sample = {k: sample[k] for k in self.spec.features}
+            keep = self.spec.features + tuple(k for k in self.spec.optional_features if k in sample)
+            sample = {k: sample[k] for k in keep}
         if self.max_length:
             sample = {k: v[: self.max_length] for k, v in sample.items()}
         mask = sample["loss_mask"].tolist()

@@ -206,7 +206,11 @@ def expected_features(manifest: Mapping[str, Any]) -> dict[str, tuple[tuple[int,
         "loss_mask": ((), "int64"),
         "aux_hidden_states": ((len(manifest["layer_ids"]) * hidden,), dtype),
         "last_hidden_state": ((hidden,), dtype),
+        "target_top1": ((), "int64"),  # optional: older feature sets lack it
     }
+
+
+OPTIONAL_FEATURES = ("target_top1",)
 
 
 class RefCheck:
@@ -216,7 +220,7 @@ class RefCheck:
         self.schema_version = int(manifest.get("schema_version", SCHEMA_VERSION))
         self.max_length = int(manifest.get("max_length") or 0)
         self.expected = expected_features(manifest)
-        self.required = tuple(required) if required else tuple(self.expected)
+        self.required = tuple(required) if required else tuple(k for k in self.expected if k not in OPTIONAL_FEATURES)
 
     def __call__(self, ref: SampleRef) -> None:
         where = f"sample {ref.sample_id!r}"
@@ -230,7 +234,8 @@ class RefCheck:
             raise StreamSchemaError(f"{where} lacks features {missing} (it has {sorted(ref.feature_keys)})")
         specs = {s.name: s for s in ref.feature_specs}
         lengths = set()
-        for name in self.required:
+        present = [name for name in OPTIONAL_FEATURES if name in ref.feature_keys and name not in self.required]
+        for name in (*self.required, *present):
             spec = specs.get(name)
             if spec is None:
                 raise StreamSchemaError(f"{where} has no shape/dtype spec for feature {name!r}")

@@ -7,6 +7,9 @@ sample, unpadded tensors keyed by feature name:
 - ``input_ids`` (L,) int64 and ``loss_mask`` (L,) int64
 - ``aux_hidden_states`` (L, k*H): outputs of the chosen decoder layers, concatenated
 - ``last_hidden_state`` (L, H): the final post-norm hidden state (lm_head input)
+- ``target_top1`` (L,) int64: the target's greedy next token (argmax of its logits) at each
+  position that follows a supervised one, -1 elsewhere. These are the EAGLE3 teacher's
+  full-vocabulary argmaxes; capturing them here saves every training step that head.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class HFTargetEngine:
                 h.remove()
         last = out.last_hidden_state  # after the final norm: what lm_head reads
         aux = torch.cat([captured[i] for i in layer_ids], dim=-1)
+        top1 = self._greedy_after_supervised(last, tasks)
 
         samples = []
         for row, task in enumerate(tasks):
@@ -87,9 +91,25 @@ class HFTargetEngine:
                     "loss_mask": torch.tensor(task.loss_mask, dtype=torch.long),
                     "aux_hidden_states": aux[row, :n].to(self.capture_dtype).cpu().clone(),
                     "last_hidden_state": last[row, :n].to(self.capture_dtype).cpu().clone(),
+                    "target_top1": top1[row, :n].cpu().clone(),
                 }
             )
         return samples
+
+    def _greedy_after_supervised(self, last: torch.Tensor, tasks: Sequence[PromptTask]) -> torch.Tensor:
+        """(B, S) argmax of the target's logits where the previous position is supervised, else -1.
+
+        Only those rows run the head (prompts are skipped); the head reads the same
+        post-norm states ``last_hidden_state`` holds, before the capture dtype cast.
+        """
+        top1 = torch.full(last.shape[:2], -1, dtype=torch.long, device=last.device)
+        wanted = torch.zeros(last.shape[:2], dtype=torch.bool, device=last.device)
+        for row, task in enumerate(tasks):
+            mask = torch.tensor(task.loss_mask[:-1], dtype=torch.bool, device=last.device)
+            wanted[row, 1 : 1 + mask.numel()] = mask
+        if wanted.any():
+            top1[wanted] = self.model.get_output_embeddings()(last[wanted]).argmax(-1)
+        return top1
 
 
 def _first(out):

@@ -295,3 +295,26 @@ def test_bf16_teacher_equals_its_fp32_widened_logits():
     rows = mask.bool()
     assert torch.equal(teacher.target_ids[rows], logits.argmax(-1)[rows])
     assert torch.equal(teacher.target_p[rows], logits[..., t2d].softmax(-1)[rows])
+
+
+def test_captured_target_top1_gives_the_same_teacher_with_the_draft_rows_only():
+    """``target_top1`` from the features replaces the full-vocab argmax: same ids, probabilities and mask."""
+    g = torch.Generator().manual_seed(1)
+    head = torch.randn(300, 16, generator=g).bfloat16()
+    last = torch.randn(2, 9, 16, generator=g).bfloat16()
+    t2d = torch.zeros(300, dtype=torch.bool)
+    t2d[torch.randperm(300, generator=g)[:120]] = True
+    loss_mask = torch.ones(2, 9, dtype=torch.long)
+    loss_mask[1, :3] = 0  # a prompt: no teacher read there
+    mask = effective_loss_mask(loss_mask)
+    full = compute_teacher(last, head, t2d, mask)
+    top1 = torch.nn.functional.linear(last, head).argmax(-1)
+    top1[1, :3] = -1  # not captured where no supervised position reads it
+    fast = compute_teacher(last, head, t2d, mask, target_top1=top1)
+    assert torch.equal(fast.target_ids, full.target_ids)
+    assert torch.equal(fast.target_p, full.target_p)
+    assert torch.equal(fast.position_mask, full.position_mask)
+    assert fast.position_mask.sum() < mask.sum()  # some teachers fall outside the draft vocab
+    top1[0, 4] = -1  # a supervised position's teacher that was not captured
+    with pytest.raises(ValueError, match="target_top1"):
+        compute_teacher(last, head, t2d, mask, target_top1=top1)

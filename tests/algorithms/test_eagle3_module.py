@@ -213,6 +213,37 @@ def test_lr_schedule_warmup_then_cosine():
     assert warmup_cosine(55, 100, 0.1) == pytest.approx(0.5)
     assert warmup_cosine(100, 100, 0.1, min_lr_ratio=0.1) == pytest.approx(0.1)
     assert warmup_cosine(32, 64, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    # A spent time share further along than the steps moves the cosine; warmup ignores it.
+    assert warmup_cosine(10, 100, 0.1, min_progress=0.5) == pytest.approx(0.5)
+    assert warmup_cosine(55, 100, 0.1, min_progress=0.2) == pytest.approx(0.5)
+    assert warmup_cosine(5, 100, 0.1, min_progress=0.9) == pytest.approx(0.6)
+
+
+class LRTrace(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_anneal_by_time_ends_a_time_capped_run_at_the_minimum_lr(target):
+    model, context, batches = target
+    trace = LRTrace()
+    module = Eagle3Module(ttt_length=2, lr=1e-3, warmup_ratio=0.0, anneal_by_time=True)
+    t = trainer(max_time={"seconds": 3}, max_steps=100_000, limit_val_batches=0, callbacks=[trace])
+    t.fit(module, datamodule=ListData(context, batches))
+    assert 10 < t.global_step < 100_000  # stopped by the budget, far from the step horizon
+    # The step fraction alone would leave the LR at ~1e-3; the time share brings it to ~0.
+    assert trace.lrs[0] > 0.9e-3 and trace.lrs[-1] < 0.05e-3
+    assert all(b <= a + 1e-12 for a, b in zip(trace.lrs, trace.lrs[1:]))
+
+
+def test_anneal_by_time_without_a_time_budget_is_refused(target):
+    model, context, batches = target
+    module = Eagle3Module(ttt_length=2, anneal_by_time=True)
+    with pytest.raises(ValueError, match="trainer.max_time"):
+        trainer(max_steps=2, limit_val_batches=0).fit(module, datamodule=ListData(context, batches))
 
 
 class SampledData(ListData):

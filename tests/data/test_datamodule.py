@@ -50,3 +50,17 @@ def test_sample_features_of_a_missing_split_is_refused(prepared):
     dm.prepare_data()
     with pytest.raises(ValueError, match="no 'test' samples"):
         dm.sample_features(1, split="test")
+
+
+def test_optional_features_are_kept_when_present_and_not_required():
+    from specforge_lightning.contracts import StrategySpec
+    from specforge_lightning.data.datamodule import SampleTransform
+
+    spec = StrategySpec(name="s", features=("input_ids", "loss_mask"), optional_features=("target_top1",))
+    base = {"input_ids": torch.arange(4), "loss_mask": torch.ones(4, dtype=torch.long), "other": torch.zeros(4)}
+    with_top1 = SampleTransform(spec, max_length=3)({**base, "target_top1": torch.arange(4)})
+    assert sorted(with_top1) == ["input_ids", "loss_mask", "target_top1"]
+    assert with_top1["target_top1"].tolist() == [0, 1, 2]  # truncated with the rest
+    assert sorted(SampleTransform(spec, max_length=None)(dict(base))) == ["input_ids", "loss_mask"]
+    with pytest.raises(KeyError, match="input_ids"):
+        SampleTransform(spec, max_length=None)({"loss_mask": base["loss_mask"]})

@@ -202,6 +202,12 @@ def test_ref_check_names_the_sample_and_the_field():
     keys = {s.name: s.name for s in specs}
     good = SampleRef("ok", "mem://ok", keys, specs)
     check(good)
+    # The optional target_top1 may be absent (above); when present its spec is checked too.
+    top1 = FeatureSpec("target_top1", (5,), "int64")
+    check(SampleRef("top1", "mem://top1", {**keys, "target_top1": "target_top1"}, specs + (top1,)))
+    wrong = FeatureSpec("target_top1", (5,), "float32")
+    with pytest.raises(StreamSchemaError, match="'target_top1' is"):
+        check(SampleRef("top1f", "mem://top1f", {**keys, "target_top1": "target_top1"}, specs + (wrong,)))
     bad_len = SampleRef("long", "mem://long", keys, tuple(FeatureSpec(s.name, (20, *s.shape[1:]), s.dtype) for s in specs))
     with pytest.raises(StreamSchemaError, match="'long' has 20 tokens"):
         check(bad_len)

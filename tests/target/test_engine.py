@@ -34,6 +34,11 @@ def test_capture_matches_hidden_states_and_strips_padding():
         torch.testing.assert_close(model.lm_head(f["last_hidden_state"]), out.logits[0], atol=1e-4, rtol=1e-4)
         assert f["input_ids"].tolist() == list(task.input_ids)
         assert f["loss_mask"].tolist() == list(task.loss_mask)
+        # The target's greedy token where the previous position is supervised (a teacher), -1 elsewhere.
+        after = [i >= 1 and task.loss_mask[i - 1] == 1 for i in range(task.num_tokens)]
+        want_top1 = torch.where(torch.tensor(after), out.logits[0].argmax(-1), torch.tensor(-1))
+        assert f["target_top1"].dtype == torch.long
+        assert f["target_top1"].tolist() == want_top1.tolist()
 
 
 def test_capture_dtype_is_applied():

@@ -120,6 +120,7 @@ class DFlashModule(LazyDraftModule):
         anchor_seed: seed of the anchor draws (with the step and the sample id).
         objective_chunk_rows: scored rows whose full-vocab logits exist at once (0 = all).
         lr, weight_decay, betas, warmup_ratio, min_lr_ratio: AdamW + warmup/cosine per optimizer step.
+        anneal_by_time: the cosine also follows the spent share of ``trainer.max_time``.
         frozen_dtype: storage dtype of the frozen embedding and head (None: as in the target files).
     """
 
@@ -150,6 +151,7 @@ class DFlashModule(LazyDraftModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.04,
         min_lr_ratio: float = 0.0,
+        anneal_by_time: bool = False,
         frozen_dtype: str | None = None,
     ) -> None:
         super().__init__()

@@ -62,13 +62,15 @@ class DominoModule(DFlashModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.04,
         min_lr_ratio: float = 0.0,
+        anneal_by_time: bool = False,
         frozen_dtype: str | None = None,
     ) -> None:
         super().__init__(
             num_layers=num_layers, block_size=block_size, num_anchors=num_anchors,
             loss_decay_gamma=loss_decay_gamma, mask_token_id=mask_token_id, qk_norm=qk_norm,
             anchor_seed=anchor_seed, objective_chunk_rows=objective_chunk_rows, lr=lr, weight_decay=weight_decay,
-            betas=betas, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, frozen_dtype=frozen_dtype,
+            betas=betas, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, anneal_by_time=anneal_by_time,
+            frozen_dtype=frozen_dtype,
         )
         self.train_base = BlockAcceptanceMetric(self.num_positions, dist_sync_on_step=True)
         self.val_base = BlockAcceptanceMetric(self.num_positions)

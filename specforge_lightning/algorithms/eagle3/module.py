@@ -48,6 +48,8 @@ class Eagle3Module(LazyDraftModule):
         lr, weight_decay, betas: AdamW (torch defaults for betas/eps, as upstream).
         warmup_ratio, min_lr_ratio: linear warmup over ``int(warmup_ratio·total)`` optimizer
             steps, then cosine to ``min_lr_ratio·lr``; total = ``trainer.estimated_stepping_batches``.
+        anneal_by_time: the cosine also follows the spent share of ``trainer.max_time``
+            (``LazyDraftModule``): a time-capped run ends annealed at any machine speed.
         frozen_dtype: storage dtype of the frozen embedding and teacher head (``None``: as in
             the target files). The draft's own precision is the Trainer's ``precision``; the
             teacher softmax/argmax always run in fp32.
@@ -73,6 +75,7 @@ class Eagle3Module(LazyDraftModule):
     strategy_spec: ClassVar[StrategySpec] = StrategySpec(
         name="eagle3",
         features=("input_ids", "loss_mask", "aux_hidden_states", "last_hidden_state"),
+        optional_features=("target_top1",),  # skips the teacher's full-vocabulary argmax
         min_supervised_run=1,
         layer_preset="eagle3",
         loss=eagle3_loss,
@@ -89,6 +92,7 @@ class Eagle3Module(LazyDraftModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.015,
         min_lr_ratio: float = 0.0,
+        anneal_by_time: bool = False,
         frozen_dtype: str | None = None,
         teacher_chunk_size: int | None = None,
         init_lm_head: bool = False,
@@ -254,7 +258,8 @@ class Eagle3Module(LazyDraftModule):
             attention_mask = torch.ones_like(input_ids)
         mask = effective_loss_mask(t["loss_mask"], attention_mask)
         teacher = compute_teacher(
-            t["last_hidden_state"], self.teacher_head, self.draft.t2d, mask, self.hparams.teacher_chunk_size
+            t["last_hidden_state"], self.teacher_head, self.draft.t2d, mask, self.hparams.teacher_chunk_size,
+            target_top1=t.get("target_top1"),
         )
         length = self.hparams.ttt_length
         steps = self.draft.ttt_forward(
