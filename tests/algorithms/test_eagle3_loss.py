@@ -282,13 +282,19 @@ def test_counts_and_misses_outside_draft_vocab():
     assert out.correct[1].item() == 0
 
 
-def test_bf16_teacher_equals_its_fp32_widened_logits():
-    """A bf16 head's logits widened to fp32 first give the same argmax and draft-vocab softmax, bit for bit."""
-    g = torch.Generator().manual_seed(0)
+def bf16_teacher_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A bf16 head (300 tokens, 120 of them in the draft vocab) and bf16 final states (2, 9, 16)."""
+    g = torch.Generator().manual_seed(seed)
     head = torch.randn(300, 16, generator=g).bfloat16()
     last = torch.randn(2, 9, 16, generator=g).bfloat16()
     t2d = torch.zeros(300, dtype=torch.bool)
     t2d[torch.randperm(300, generator=g)[:120]] = True
+    return head, last, t2d
+
+
+def test_bf16_teacher_equals_its_fp32_widened_logits():
+    """A bf16 head's logits widened to fp32 first give the same argmax and draft-vocab softmax, bit for bit."""
+    head, last, t2d = bf16_teacher_case(seed=0)
     mask = effective_loss_mask(torch.ones(2, 9, dtype=torch.long))
     teacher = compute_teacher(last, head, t2d, mask)
     logits = torch.nn.functional.linear(shift_left(last, 1), head).float()  # widened after the bf16 matmul
@@ -299,11 +305,7 @@ def test_bf16_teacher_equals_its_fp32_widened_logits():
 
 def test_captured_target_top1_gives_the_same_teacher_with_the_draft_rows_only():
     """``target_top1`` from the features replaces the full-vocab argmax: same ids, probabilities and mask."""
-    g = torch.Generator().manual_seed(1)
-    head = torch.randn(300, 16, generator=g).bfloat16()
-    last = torch.randn(2, 9, 16, generator=g).bfloat16()
-    t2d = torch.zeros(300, dtype=torch.bool)
-    t2d[torch.randperm(300, generator=g)[:120]] = True
+    head, last, t2d = bf16_teacher_case(seed=1)
     loss_mask = torch.ones(2, 9, dtype=torch.long)
     loss_mask[1, :3] = 0  # a prompt: no teacher read there
     mask = effective_loss_mask(loss_mask)
