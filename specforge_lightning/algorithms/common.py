@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn

@@ -95,20 +95,20 @@ def compute_teacher(
     draft_rows = torch.nonzero(t2d.to(head_weight.device)).flatten()
     ids, probs = [], []
     with torch.autocast(device_type=last_hidden.device.type, enabled=False):
-        if target_top1 is not None:
-            draft_head = head_weight.index_select(0, draft_rows)
-            for chunk in hidden.split(chunk_size or max(1, hidden.shape[0])):
-                probs.append(F.linear(chunk.to(head_weight.dtype), draft_head).float().softmax(-1))
-            ids = [shift_left(target_top1.long(), 1).reshape(-1).index_select(0, rows)]
-            if (ids[0] < 0).any():
-                raise ValueError("target_top1 is -1 (not captured) at a supervised position's teacher")
-        else:
-            for chunk in hidden.split(chunk_size or max(1, hidden.shape[0])):
+        # A captured top-1 spares the full-vocabulary rows: only the draft rows are needed then.
+        head = head_weight if target_top1 is None else head_weight.index_select(0, draft_rows)
+        for chunk in hidden.split(chunk_size or max(1, hidden.shape[0])):
+            logits = F.linear(chunk.to(head_weight.dtype), head)
+            if target_top1 is None:
                 # A bf16 head's logits are rounded to bf16 already: the argmax needs no fp32 copy of
                 # the full vocab, only the draft columns are widened for the softmax.
-                logits = F.linear(chunk.to(head_weight.dtype), head_weight)
                 ids.append(logits.argmax(-1))
-                probs.append(logits.index_select(-1, draft_rows).float().softmax(-1))
+                logits = logits.index_select(-1, draft_rows)
+            probs.append(logits.float().softmax(-1))
+    if target_top1 is not None:
+        ids = [shift_left(target_top1.long(), 1).reshape(-1).index_select(0, rows)]
+        if (ids[0] < 0).any():
+            raise ValueError("target_top1 is -1 (not captured) at a supervised position's teacher")
     target_ids = torch.zeros(B * S, dtype=torch.long, device=last_hidden.device)
     target_p = torch.zeros(B * S, len(draft_rows), dtype=torch.float32, device=last_hidden.device)
     if rows.numel():
