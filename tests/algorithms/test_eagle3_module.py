@@ -239,6 +239,35 @@ def test_anneal_by_time_ends_a_time_capped_run_at_the_minimum_lr(target):
     assert all(b <= a + 1e-12 for a, b in zip(trace.lrs, trace.lrs[1:]))
 
 
+class GradNorms(L.Callback):
+    """The gradient norm the optimizer stepped with (after clipping; zeroed only at the next step)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        grads = [p.grad for p in pl_module.draft.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(target):
+    # Lightning's mixed-precision plugin refuses to clip for a fused optimizer; the module clips
+    # itself when no loss scaler exists (the quickstart: bf16-mixed, gradient_clip_val 0.5).
+    model, context, batches = target
+    norms = GradNorms()
+    module = Eagle3Module(ttt_length=2, lr=1e-3)
+    t = trainer(max_steps=3, limit_val_batches=0, precision="bf16-mixed", gradient_clip_val=1e-3, callbacks=[norms])
+    t.fit(module, datamodule=ListData(context, batches))
+    assert t.global_step == 3 and t.optimizers[0].defaults["fused"]
+    assert len(norms.norms) == 3 and max(norms.norms) <= 1e-3 * 1.001
+    # Unclipped, the first step's norm is far larger.
+    free = GradNorms()
+    trainer(max_steps=1, limit_val_batches=0, precision="bf16-mixed", gradient_clip_val=None, callbacks=[free]).fit(
+        Eagle3Module(ttt_length=2, lr=1e-3), datamodule=ListData(context, batches)
+    )
+    assert free.norms[0] > 0.1
+
+
 def test_anneal_by_time_without_a_time_budget_is_refused(target):
     model, context, batches = target
     module = Eagle3Module(ttt_length=2, anneal_by_time=True)
