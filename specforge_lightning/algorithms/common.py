@@ -359,10 +359,11 @@ class LazyDraftModule(L.LightningModule):
     ) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, on account of
         # fp16 loss scaling; without a scaler (bf16, fp32) the gradients are true values already.
+        # So the check is skipped and the plugin's own clipping helpers are called directly.
         if not gradient_clip_val or not optimizer.defaults.get("fused"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        plugin = self.trainer.precision_plugin
         if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            plugin.clip_grad_by_value(optimizer, gradient_clip_val)
         else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
