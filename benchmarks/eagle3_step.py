@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--num_val_samples", type=int, default=20)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--ttt_length", type=int, default=3, help="configs/eagle3.yaml uses 3")
+    p.add_argument("--ttt_length", type=int, default=2, help="configs/eagle3.yaml uses 2")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -189,9 +189,10 @@ def fast_loss(draft, head, batch, K, normalize="positions", sparse=False):
     """``sparse``: the production path, logits only at scored rows (hidden states + head)."""
     mask = effective_loss_mask(batch["loss_mask"], batch["attention_mask"])
     teacher = compute_teacher(batch["last_hidden_state"], head, draft.t2d, mask)
+    later = later_scored_rows(mask, K) if sparse else None
     steps = draft.ttt_forward(
         batch["input_ids"], batch["aux_hidden_states"], batch["attention_mask"], K, with_logits=not sparse,
-        later_rows=later_scored_rows(mask, K) if sparse else None,
+        later_rows=later, first_rows=later | mask.bool() if sparse else None,
     )
     if sparse:
         hidden = [h for _, h in steps]
@@ -211,8 +212,9 @@ def test_loss_and_grads_match_naive_reference(K, sparse):
         grads[n] = p.grad.clone()
         p.grad = None
 
-    if sparse:  # the later TTT steps really skip rows here
-        assert not later_scored_rows(effective_loss_mask(batch["loss_mask"], batch["attention_mask"]), K).all()
+    if sparse:  # the later TTT steps, and step 0's queries, really skip rows here
+        mask = effective_loss_mask(batch["loss_mask"], batch["attention_mask"])
+        assert not (later_scored_rows(mask, K) | mask.bool()).all()
     out, teacher = fast_loss(draft, head, batch, K, sparse=sparse)
     out.loss.backward()
     # The case really exercises out-of-draft-vocab teachers and masked positions.
@@ -320,3 +322,17 @@ def test_captured_target_top1_gives_the_same_teacher_with_the_draft_rows_only():
     top1[0, 4] = -1  # a supervised position's teacher that was not captured
     with pytest.raises(ValueError, match="target_top1"):
         compute_teacher(last, head, t2d, mask, target_top1=top1)
+
+
+def test_teacher_keeps_probabilities_at_supervised_positions_only():
+    """``probs`` holds one row per supervised position; ``probs_at`` reads them by flat position."""
+    head, last, t2d = bf16_teacher_case(seed=2)
+    loss_mask = torch.ones(2, 9, dtype=torch.long)
+    loss_mask[0, :4] = 0
+    mask = effective_loss_mask(loss_mask)
+    teacher = compute_teacher(last, head, t2d, mask)
+    assert teacher.probs.shape == (int(mask.sum()), int(t2d.sum()))
+    flat = mask.reshape(-1).nonzero().squeeze(-1).flip(0)  # any order
+    dense = teacher.target_p.reshape(18, -1)
+    assert torch.equal(teacher.probs_at(flat), dense[flat])
+    assert dense[~mask.reshape(-1).bool()].abs().sum() == 0

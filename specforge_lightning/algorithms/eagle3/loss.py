@@ -21,12 +21,31 @@ Normalize = Literal["positions", "tokens"]
 
 @dataclass
 class Eagle3Teacher:
-    """Per-position teacher quantities, already shifted so that row t holds the target at t+1."""
+    """Per-position teacher quantities, already shifted so that row t holds the target at t+1.
+
+    The draft-vocabulary distributions are kept only at the supervised positions
+    (``probs``, one row per set bit of ``loss_mask``, in row-major order): the loss reads
+    them there, and a dense (B, S, Vd) copy would cost a write and a shifted copy per
+    TTT step for nothing.
+    """
 
     target_ids: torch.Tensor  # (B, S) int64, argmax over the full target vocab (0 where unsupervised)
-    target_p: torch.Tensor  # (B, S, Vd) fp32, softmax renormalised over the draft vocab (0 where unsupervised)
+    probs: torch.Tensor  # (N, Vd) fp32, softmax renormalised over the draft vocab at the N supervised positions
     position_mask: torch.Tensor  # (B, S) fp32, t2d[target_ids] * loss_mask
     loss_mask: torch.Tensor  # (B, S) int64, the effective loss mask (see effective_loss_mask)
+
+    def probs_at(self, flat: torch.Tensor) -> torch.Tensor:
+        """Teacher distributions at flat positions ``b * S + t``, all of them supervised: (len(flat), Vd)."""
+        slot = torch.cumsum(self.loss_mask.reshape(-1), 0) - 1  # row of ``probs`` for each supervised position
+        return self.probs.index_select(0, slot.index_select(0, flat))
+
+    @property
+    def target_p(self) -> torch.Tensor:
+        """(B, S, Vd) dense view: the distribution at supervised positions, 0 elsewhere."""
+        B, S = self.loss_mask.shape
+        dense = self.probs.new_zeros(B * S, self.probs.shape[-1])
+        dense[self.loss_mask.reshape(-1).nonzero().squeeze(-1)] = self.probs
+        return dense.view(B, S, -1)
 
 
 @dataclass
@@ -110,13 +129,14 @@ def compute_teacher(
         if (ids[0] < 0).any():
             raise ValueError("target_top1 is -1 (not captured) at a supervised position's teacher")
     target_ids = torch.zeros(B * S, dtype=torch.long, device=last_hidden.device)
-    target_p = torch.zeros(B * S, len(draft_rows), dtype=torch.float32, device=last_hidden.device)
     if rows.numel():
         target_ids[rows] = torch.cat(ids)
-        target_p[rows] = torch.cat(probs)
-    target_ids, target_p = target_ids.view(B, S), target_p.view(B, S, -1)
+        probs = torch.cat(probs)
+    else:
+        probs = torch.zeros(0, len(draft_rows), dtype=torch.float32, device=last_hidden.device)
+    target_ids = target_ids.view(B, S)
     position_mask = t2d[target_ids].float() * loss_mask.float()
-    return Eagle3Teacher(target_ids, target_p, position_mask, loss_mask.long())
+    return Eagle3Teacher(target_ids, probs, position_mask, loss_mask.long())
 
 
 def eagle3_loss(
@@ -153,7 +173,7 @@ def eagle3_loss(
         logits = (head(x) if head is not None else x).float()  # fp32: exact for bf16, and argmax is 4x faster
         logp = F.log_softmax(logits, dim=-1)
         pm = teacher.position_mask[:, k:].reshape(-1).index_select(0, rows)
-        p = teacher.target_p[:, k:].reshape(B * n, -1).index_select(0, rows)
+        p = teacher.probs_at(rows // n * S + rows % n + k)  # row (b, t) of the shifted view is (b, t + k)
         nll = -(pm * (p * logp).sum(-1)).sum()
         denom = B * S if normalize == "positions" else pm.sum().clamp_min(1.0)
         plosses.append(nll / denom)
