@@ -189,10 +189,9 @@ def fast_loss(draft, head, batch, K, normalize="positions", sparse=False):
     """``sparse``: the production path, logits only at scored rows (hidden states + head)."""
     mask = effective_loss_mask(batch["loss_mask"], batch["attention_mask"])
     teacher = compute_teacher(batch["last_hidden_state"], head, draft.t2d, mask)
-    later = later_scored_rows(mask, K) if sparse else None
     steps = draft.ttt_forward(
         batch["input_ids"], batch["aux_hidden_states"], batch["attention_mask"], K, with_logits=not sparse,
-        later_rows=later, first_rows=later | mask.bool() if sparse else None,
+        later_rows=later_scored_rows(mask, K) if sparse else None,
     )
     if sparse:
         hidden = [h for _, h in steps]
@@ -212,9 +211,8 @@ def test_loss_and_grads_match_naive_reference(K, sparse):
         grads[n] = p.grad.clone()
         p.grad = None
 
-    if sparse:  # the later TTT steps, and step 0's queries, really skip rows here
-        mask = effective_loss_mask(batch["loss_mask"], batch["attention_mask"])
-        assert not (later_scored_rows(mask, K) | mask.bool()).all()
+    if sparse:  # the later TTT steps really skip rows here
+        assert not later_scored_rows(effective_loss_mask(batch["loss_mask"], batch["attention_mask"]), K).all()
     out, teacher = fast_loss(draft, head, batch, K, sparse=sparse)
     out.loss.backward()
     # The case really exercises out-of-draft-vocab teachers and masked positions.

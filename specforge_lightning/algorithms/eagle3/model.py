@@ -217,26 +217,15 @@ class Eagle3Attention(nn.Module):
         self.v_proj = nn.Linear(2 * c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attend: Attend,
-        query_rows: _RowSubset | None = None,
-    ) -> torch.Tensor:
-        """Keys and values at every row of ``x``; queries (and the output) at ``query_rows`` only, if given."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         B, T, _ = x.shape
         g = self.n_heads // self.n_kv
+        q = self.q_proj(x).view(B, T, self.n_kv, g, self.head_dim).permute(0, 2, 3, 1, 4)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(k.dtype), sin.to(k.dtype)  # under autocast k is bf16 while cos is fp32
-        k = apply_rope(k, cos[:, None], sin[:, None])
-        if query_rows is not None:
-            x, cos, sin = query_rows.take(x), query_rows.take(cos), query_rows.take(sin)
-            T = x.shape[1]
-        q = self.q_proj(x).view(B, T, self.n_kv, g, self.head_dim).permute(0, 2, 3, 1, 4)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q is bf16 while cos is fp32
         q = apply_rope(q, cos[:, None, None], sin[:, None, None])
+        k = apply_rope(k, cos[:, None], sin[:, None])
         out = attend(q, k, v)  # (B, kv, g, T, d)
         return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -253,19 +242,10 @@ class Eagle3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(
-        self,
-        emb: torch.Tensor,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attend: Attend,
-        query_rows: _RowSubset | None = None,
+        self, emb: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
     ) -> torch.Tensor:
-        """Every row feeds the keys; only ``query_rows`` (if given) get an output, in their (B, T') layout."""
         x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
-        if query_rows is not None:
-            hidden = query_rows.take(hidden)
-        h = hidden + self.self_attn(x, cos, sin, attend, query_rows)
+        h = hidden + self.self_attn(x, cos, sin, attend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -353,7 +333,6 @@ class Eagle3Draft(nn.Module):
         position_ids: torch.Tensor | None = None,
         with_logits: bool = True,
         later_rows: torch.Tensor | None = None,
-        first_rows: torch.Tensor | None = None,
     ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
         """Unroll ``length`` TTT steps; returns ``[(logits_k (B,S,Vd), hidden_k (B,S,H))]``.
 
@@ -370,11 +349,6 @@ class Eagle3Draft(nn.Module):
         keys, so they are computed at these rows alone (prompts and padding are
         skipped) and the other rows of ``hidden_k`` are zero. Exact for every
         scored position; the loss must not read the others.
-
-        ``first_rows`` (B,S) bool, optional: the rows whose step-0 output is read (scored
-        at step 0, or feeding step 1; it must include ``later_rows``). Step 0 still
-        computes keys and values at every row, but its queries, attention output and
-        MLP only there; its other rows are zero.
         """
         B, S = input_ids.shape
         device = input_ids.device
@@ -384,14 +358,11 @@ class Eagle3Draft(nn.Module):
             position_ids = torch.arange(S, device=device).expand(B, S)
         causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
         allowed = causal[None] & attention_mask.bool()[:, None, :]
-        first = _RowSubset(first_rows) if first_rows is not None else None
-        attend = _TTTAttend(first.take(allowed) if first is not None else allowed)
+        attend = _TTTAttend(allowed)
         hidden = self.project_aux(aux_hidden)
         emb = self._embed(shift_left(input_ids, 1))
         cos, sin = self._rope(position_ids, hidden.dtype)
-        hidden = self.midlayer(emb, hidden, cos, sin, attend, first)
-        if first is not None:
-            hidden = first.put(hidden, S)
+        hidden = self.midlayer(emb, hidden, cos, sin, attend)
         outputs = [(self.compute_logits(hidden) if with_logits else None, hidden)]
         if length == 1:
             return outputs

@@ -262,15 +262,13 @@ class Eagle3Module(LazyDraftModule):
             target_top1=t.get("target_top1"),
         )
         length = self.hparams.ttt_length
-        later = later_scored_rows(mask, length)
         steps = self.draft.ttt_forward(
             input_ids,
             t["aux_hidden_states"],
             attention_mask,
             length,
             with_logits=False,
-            later_rows=later,
-            first_rows=later | mask.bool(),  # prompts and padding only give keys
+            later_rows=later_scored_rows(mask, length),
         )
         return eagle3_loss(
             [hidden for _, hidden in steps],
