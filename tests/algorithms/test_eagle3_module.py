@@ -346,3 +346,26 @@ def test_both_planted_heads_need_two_key_value_heads(target):
     module.draft_config = dataclasses.replace(module.draft_config, num_key_value_heads=1, num_attention_heads=4)
     with pytest.raises(ValueError, match="each need their own key/value head; this draft has 1"):
         module.plant_heads(SampledData(context, batches, model))
+
+
+def test_ttt_full_every_unrolls_the_last_step_on_every_nth_optimizer_step(target):
+    model, context, batches = target
+    module = Eagle3Module(ttt_length=3, ttt_full_every=3, lr=1e-3)
+    lengths = []
+    compute_loss = Eagle3Module.compute_loss
+
+    def record(self, batch, length=None):
+        lengths.append((self.training, length))
+        return compute_loss(self, batch, length)
+
+    module.compute_loss = record.__get__(module)
+    t = trainer(max_steps=7, limit_val_batches=2)  # validation after the first epoch (4 batches)
+    t.fit(module, datamodule=ListData(context, batches))
+    assert [n for training, n in lengths if training] == [3, 2, 2, 3, 2, 2, 3]
+    assert [n for training, n in lengths if not training] == [None, None]  # validation: always all 3
+    # This epoch's (steps 4-6) train counts of the last position come from step 6 alone.
+    total = module.train_acceptance.total
+    assert 0 < int(total[2]) < 0.6 * int(total[1])
+    assert "val/acc_2" in t.callback_metrics
+    with pytest.raises(ValueError, match="ttt_full_every"):
+        Eagle3Module(ttt_length=3, ttt_full_every=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from specforge_lightning.algorithms.common import (
@@ -43,6 +44,10 @@ class Eagle3Module(LazyDraftModule):
 
     Args:
         ttt_length: TTT unroll length K.
+        ttt_full_every: training steps unroll all K steps only on every N-th optimizer step and
+            K-1 on the others (1: always K; validation always unrolls K). The last step is the
+            most expensive one; seeing it now and then keeps the deeper chain positions
+            trained at close to the cost of a shorter unroll.
         loss_decay: weight ``decay**k`` of step k.
         loss_normalize: ``"positions"`` (upstream: mean over all B·S) or ``"tokens"``.
         lr, weight_decay, betas: AdamW (torch defaults for betas/eps, as upstream).
@@ -85,6 +90,7 @@ class Eagle3Module(LazyDraftModule):
     def __init__(
         self,
         ttt_length: int = 7,
+        ttt_full_every: int = 1,
         loss_decay: float = 0.8,
         loss_normalize: str = "positions",
         lr: float = 5e-4,
@@ -115,6 +121,8 @@ class Eagle3Module(LazyDraftModule):
             raise ValueError(f"loss_normalize must be 'positions' or 'tokens', got {loss_normalize!r}")
         if ttt_length < 1:
             raise ValueError(f"ttt_length must be >= 1, got {ttt_length}")
+        if ttt_full_every < 1:
+            raise ValueError(f"ttt_full_every must be >= 1 (1: every step unrolls ttt_length), got {ttt_full_every}")
         if init_copy_previous < 0:
             raise ValueError(f"init_copy_previous must be >= 0 (0: off), got {init_copy_previous}")
         self.save_hyperparameters()
@@ -249,8 +257,11 @@ class Eagle3Module(LazyDraftModule):
 
     # ------------------------------------------------------------------ the step
 
-    def compute_loss(self, batch: Any) -> Eagle3LossOutput:
-        """Loss and acceptance counts for a ``TrainBatch`` (or its tensor dict); usable from any loop."""
+    def compute_loss(self, batch: Any, length: int | None = None) -> Eagle3LossOutput:
+        """Loss and acceptance counts for a ``TrainBatch`` (or its tensor dict); usable from any loop.
+
+        ``length`` overrides the unroll (default ``ttt_length``); counts then have ``length`` entries.
+        """
         t = batch.tensors if hasattr(batch, "tensors") else batch
         input_ids = t["input_ids"]
         attention_mask = t.get("attention_mask")
@@ -261,7 +272,7 @@ class Eagle3Module(LazyDraftModule):
             t["last_hidden_state"], self.teacher_head, self.draft.t2d, mask, self.hparams.teacher_chunk_size,
             target_top1=t.get("target_top1"),
         )
-        length = self.hparams.ttt_length
+        length = length or self.hparams.ttt_length
         steps = self.draft.ttt_forward(
             input_ids,
             t["aux_hidden_states"],
@@ -287,12 +298,20 @@ class Eagle3Module(LazyDraftModule):
         t = batch.tensors if hasattr(batch, "tensors") else batch
         return int(t["input_ids"].shape[0])
 
+    def train_length(self) -> int:
+        """The unroll of the current optimizer step (``ttt_full_every``)."""
+        K, every = self.hparams.ttt_length, self.hparams.ttt_full_every
+        return K if K == 1 or self.trainer.global_step % every == 0 else K - 1
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        out = self.compute_loss(batch)
+        out = self.compute_loss(batch, self.train_length())
         bs = self._batch_size(batch)
-        pooled = self.train_acceptance(out.correct, out.total)  # this step's counts, summed over ranks
+        missing = self.hparams.ttt_length - len(out.correct)  # a shorter unroll counts nothing there
+        correct, total = (F.pad(c, (0, missing)) for c in (out.correct, out.total))
+        pooled = self.train_acceptance(correct, total)  # this step's counts, summed over ranks
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
-        self.log("train/acceptance_length", pooled["acceptance_length"], prog_bar=True, batch_size=bs)
+        if not missing:  # a shorter unroll has no count for the last position
+            self.log("train/acceptance_length", pooled["acceptance_length"], prog_bar=True, batch_size=bs)
         for k in range(len(out.ploss)):
             self.log(f"train/acc_{k}", pooled["acc_k"][k], batch_size=bs)
             self.log(f"train/ploss_{k}", out.ploss[k].detach(), batch_size=bs)
