@@ -272,7 +272,7 @@ class Eagle3Module(LazyDraftModule):
             t["last_hidden_state"], self.teacher_head, self.draft.t2d, mask, self.hparams.teacher_chunk_size,
             target_top1=t.get("target_top1"),
         )
-        length = length or self.hparams.ttt_length
+        length = self.hparams.ttt_length if length is None else length
         steps = self.draft.ttt_forward(
             input_ids,
             t["aux_hidden_states"],
