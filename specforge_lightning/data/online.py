@@ -616,7 +616,12 @@ class ColocatedRefSource:
     def start(self) -> ColocatedRefSource:
         if self._thread is None:
             self._started_at = time.monotonic()
-            self._thread = threading.Thread(target=self._run, name="colocated-capture", daemon=True)
+            # The capture thread's intra-op pool matches the caller's, whatever other threads
+            # (a loader's prefetcher runs on one) set before it starts.
+            threads = torch.get_num_threads()
+            self._thread = threading.Thread(
+                target=self._run, args=(threads,), name="colocated-capture", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -646,7 +651,8 @@ class ColocatedRefSource:
 
     # -- the capture thread -------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, threads: int) -> None:
+        torch.set_num_threads(threads)
         try:
             if self.save_dir is not None:
                 self._begin_save()

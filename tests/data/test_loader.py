@@ -202,6 +202,26 @@ def test_prefetch_propagates_errors():
     assert _prefetch_threads() == []
 
 
+def test_prefetch_thread_runs_on_one_intra_op_thread_and_leaves_the_consumer_its_own():
+    store, refs = _filled_store(6)
+    seen: list[tuple[str, int]] = []
+
+    def record(sample):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return sample
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = FeatureDataLoader(store, refs=refs, batch_size=2, shuffle=False, prefetch=2, transform=record)
+        for _ in range(2):  # a second epoch starts a new thread
+            assert len(list(loader)) == 3
+            assert torch.get_num_threads() == 2
+        assert seen == [("feature-prefetch", 1)] * 12
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_transform_skips_samples():
     store, refs = _filled_store(8)
 
