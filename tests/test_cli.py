@@ -52,3 +52,28 @@ def test_prepare_reads_the_fit_config_and_rejects_unknown_keys(tmp_path, capsys)
 def test_unknown_command_is_named():
     with pytest.raises(SystemExit, match="unknown command 'fitt'"):
         main(["fitt"])
+
+
+def _built_trainer(tmp_path, *extra):
+    import lightning as L
+
+    from specforge_lightning.cli import _cli_class
+
+    args = ["--config", "configs/eagle3-tiny.yaml", f"--data.init_args.prepare.output_dir={tmp_path / 'feats'}",
+            f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false", *extra]
+    cli = _cli_class()(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+                       subclass_mode_data=True, args=args, run=False, save_config_kwargs={"overwrite": True})
+    return cli.trainer
+
+
+def test_the_default_progress_bar_is_throttled_and_a_given_one_wins(tmp_path):
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from specforge_lightning.cli import PROGRESS_REFRESH_PER_S
+
+    bar = _built_trainer(tmp_path).progress_bar_callback
+    assert isinstance(bar, RichProgressBar) and bar.refresh_rate == PROGRESS_REFRESH_PER_S == 2
+    mine = _built_trainer(tmp_path, "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar",
+                          "--trainer.callbacks.refresh_rate=7").progress_bar_callback
+    assert isinstance(mine, TQDMProgressBar) and mine.refresh_rate == 7
+    assert _built_trainer(tmp_path, "--trainer.enable_progress_bar=false").progress_bar_callback is None

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_prompt_tokens", type=int, default=None,
                    help="skip default prompts longer than this (default: the config's max_length)")
     p.add_argument("--no_warmup", action="store_true", help="do not run a short untimed warm-up decode")
+    p.add_argument("--plain_linear", action="store_true",
+                   help="on CPU, keep nn.Linear as is (default: float32 layers decode through DecodeLinear)")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow pickled objects beyond tensors (weights_only=False): only for your own checkpoints")
     return p
@@ -240,6 +242,11 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
             p.data = p.data.to(DTYPES[ns.draft_dtype])
     model.to(device)
     draft.to(device)
+    decode_linears = 0
+    if device.type == "cpu" and not ns.plain_linear:  # the same layers serve target-only and speculative decoding
+        from specforge_lightning.evaluation.decode_linear import use_decode_linears
+
+        decode_linears = use_decode_linears(model) + use_decode_linears(draft)
     drafter = draft.make_drafter() if hasattr(draft, "make_drafter") else None  # None: EAGLE3 chain drafting
 
     if ns.prompts:
@@ -273,6 +280,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         "draft_dtype": str(draft.fc.weight.dtype).removeprefix("torch."),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "decode_linear_layers": decode_linears,
         "torch": torch.__version__,
         "machine": platform.machine(),
     }

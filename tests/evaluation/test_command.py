@@ -64,6 +64,7 @@ def test_evaluate_on_held_out_prompts_writes_json_and_png(setup, tmp_path, capsy
     s = res["settings"]
     assert (s["num_draft_tokens"], s["temperature"], s["max_new_tokens"], s["dtype"], s["threads"]) == (
         3, 0.0, 8, "float32", 1)
+    assert s["decode_linear_layers"] > 0  # CPU float32: the target's and the draft's layers decode through DecodeLinear
     assert len(s["chat_template_hash"]) == 64 and "held-out" in s["prompts"] and f"from index {held_out_skip(_prep_of(setup))}" in s["prompts"]
     assert res["draft"]["aux_layer_ids"] == [1, 3, 4] and res["draft"]["kind"] == "checkpoint"
     png = tmp_path / "al.png"
