@@ -43,6 +43,8 @@ def use_decode_linears(model: nn.Module) -> int:
     """Swap every float32 ``nn.Linear`` under ``model`` for a ``DecodeLinear``, in place; returns how many.
 
     Only for inference on CPU (the copy doubles those weights' memory; GPUs have no such gap).
+    Call it after the weights are final (loaded, cast, moved): the transposed copy is taken
+    here, so a later change to a weight would reach the multi-row path but not the one-row one.
     """
     swapped = 0
     for name, child in list(model.named_children()):
