@@ -1,0 +1,136 @@
+"""Fixed-seed tiny fits whose per-step losses and final weights must not move when code moves.
+
+``python -m tests.golden.runner record`` writes ``tests/golden/losses.json``; the test
+``tests/golden/test_golden_losses.py`` reruns the same fits and compares bit for bit.
+Losses are stored as ``float.hex`` of the step's returned loss tensor, weights as a sha256
+over the draft's trainable tensors (names, dtypes, shapes and bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+GOLDEN = Path(__file__).with_name("losses.json")
+STEPS = 8
+
+# name -> (config, extra CLI overrides)
+CASES: dict[str, tuple[str, list[str]]] = {
+    "eagle3": ("configs/eagle3-tiny.yaml", []),
+    "dflash": ("configs/dflash-tiny.yaml", []),
+    "domino": ("configs/domino-tiny.yaml", []),
+    # The shipped recipe's initialisation (head, norm, copy head, current-token head) on a
+    # small float32 SmolLM2 prepare, then a few steps.
+    "eagle3-smollm2-recipe": (
+        "configs/eagle3.yaml",
+        [
+            "--trainer.precision=32-true",
+            "--trainer.max_time=null",
+            "--data.init_args.prefetch=0",
+            "--data.init_args.prepare.num_samples=40",
+            "--data.init_args.prepare.num_val_samples=2",
+            "--data.init_args.prepare.max_length=160",
+            "--data.init_args.prepare.regenerate_max_new_tokens=24",
+            "--data.init_args.prepare.shard_size=32",
+            "--data.init_args.prepare.capture_dtype=float32",
+            "--data.init_args.prepare.compute_dtype=float32",
+            "--data.init_args.prepare.draft_vocab_size=512",
+            "--model.init_args.anneal_by_time=false",
+            "--model.init_args.init_copy_samples=40",
+        ],
+    ),
+}
+
+
+class LossRecorder(L.Callback):
+    """Collects each training step's returned loss exactly (``float.hex``)."""
+
+    def __init__(self) -> None:
+        self.losses: list[str] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach().double()).hex())
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def run_case(name: str, workdir: Path) -> dict[str, Any]:
+    from specforge_lightning.cli import _cli_class
+
+    config, extra = CASES[name]
+    torch.set_num_threads(1)
+    recorder = LossRecorder()
+    run = workdir / name
+    args = [
+        "--config", config,
+        f"--data.init_args.prepare.output_dir={workdir / ('feats-' + name)}",
+        f"--trainer.default_root_dir={run}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.max_steps={STEPS}",
+        "--trainer.val_check_interval=4",
+        "--trainer.log_every_n_steps=1",
+        "--checkpoint.every_n_train_steps=0",
+        *extra,
+    ]
+    import sys as _sys
+
+    _sys.argv = _sys.argv[:1]
+    cli = _cli_class()(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        seed_everything_default=0,
+        run=False,
+    )
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return {"losses": recorder.losses, "weights": weights_digest(cli.model)}
+
+
+def run_case_fresh(name: str, workdir: Path) -> dict[str, Any]:
+    """``run_case`` in a new interpreter: BLAS kernels may round differently with the heap's history."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.golden.runner", "case", name, str(workdir)],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"golden case {name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_all(names: list[str] | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as d:
+        return {name: run_case_fresh(name, Path(d)) for name in (names or list(CASES))}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["case"]:
+        print(json.dumps(run_case(sys.argv[2], Path(sys.argv[3]))))
+        raise SystemExit(0)
+    if sys.argv[1:] != ["record"]:
+        raise SystemExit("usage: python -m tests.golden.runner record")
+    result = run_all()
+    GOLDEN.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(json.dumps({k: v["losses"][:2] for k, v in result.items()}, indent=1))
