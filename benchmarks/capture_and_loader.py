@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from specforge_lightning.data.loader import FeatureDataLoader
-from specforge_lightning.data.shards import read_shard_index
+from specforge_lightning.data.stores.shards import read_shard_index
 from specforge_lightning.data.stores.local import PreparedShardStore
 from specforge_lightning.target.prepare import PrepareConfig, prepare
 
@@ -40,7 +40,7 @@ def main() -> None:
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="bench-features-"))
     cfg = PrepareConfig(
         output_dir=str(out), target=args.target, num_samples=args.num_samples, num_val_samples=0,
-        max_length=args.max_length, batch_size=args.batch_size, shard_size=32,
+        max_length=args.max_length, batch_size=args.batch_size, shard_size=32, layer_preset="eagle3",
     )
     t0 = time.perf_counter()
     manifest = prepare(cfg, progress=False)

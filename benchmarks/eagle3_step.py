@@ -18,8 +18,9 @@ import lightning as L
 import torch
 
 from specforge_lightning.algorithms.eagle3 import Eagle3Module
-from specforge_lightning.data.datamodule import FeatureDataModule
-from specforge_lightning.target.prepare import PrepareConfig, read_manifest
+from specforge_lightning.data.manifest import read_manifest
+from specforge_lightning.datamodules import FeatureDataModule
+from specforge_lightning.target.prepare import PrepareConfig
 
 PREPARE_FIELDS = set(PrepareConfig.__dataclass_fields__) - {"output_dir"}
 
@@ -58,7 +59,8 @@ def main() -> None:
 
     manifest = read_manifest(args.features)
     if manifest is None:  # capture a default set first
-        prep = PrepareConfig(output_dir=args.features, num_samples=args.num_samples, num_val_samples=args.num_val_samples)
+        prep = PrepareConfig(output_dir=args.features, num_samples=args.num_samples, num_val_samples=args.num_val_samples,
+                             layer_preset="eagle3")
     else:  # reuse prepared features as they are (e.g. the quickstart's)
         prep = PrepareConfig(output_dir=args.features, **{k: v for k, v in manifest.items() if k in PREPARE_FIELDS})
     dm = FeatureDataModule(prep, batch_size=args.batch_size, prefetch=2)

@@ -41,7 +41,9 @@ import torch  # noqa: E402
 from specforge_lightning.control.ledger import InMemoryLedger  # noqa: E402
 from specforge_lightning.control.sqlite_ledger import SqliteLedger  # noqa: E402
 from specforge_lightning.data.loader import FeatureDataLoader  # noqa: E402
-from specforge_lightning.data.online import RankedLedgerStream, StoreSpec, build_store, capture_in_order  # noqa: E402
+from specforge_lightning.data.ledger_stream import RankedLedgerStream  # noqa: E402
+from specforge_lightning.data.stores.spec import StoreSpec, build_store  # noqa: E402
+from specforge_lightning.target.capture import capture_in_order  # noqa: E402
 from specforge_lightning.data.stores.local import LocalFeatureStore, nbytes_of  # noqa: E402
 from specforge_lightning.target.prepare import PrepareConfig  # noqa: E402
 from specforge_lightning.target.producer import plan_stream  # noqa: E402
@@ -51,7 +53,7 @@ def prepare_cfg(args: argparse.Namespace, out: Path) -> PrepareConfig:
     return PrepareConfig(
         output_dir=str(out), target=args.target, num_samples=args.num_samples, num_val_samples=0,
         max_length=args.max_length, batch_size=args.capture_batch, shard_size=args.shard_size,
-        draft_vocab_size=args.draft_vocab,
+        draft_vocab_size=args.draft_vocab, layer_preset="eagle3",
     )
 
 
@@ -125,7 +127,8 @@ def data_plane(samples, make_store, make_ledger, batch_size: int) -> tuple[float
 
 
 def mooncake_vs_raw(samples, master: str, metadata: str, repeats: int) -> dict[str, float]:
-    from specforge_lightning.data.stores.mooncake import MooncakeFeatureStore, tensor_bytes
+    from specforge_lightning.data.stores.mooncake import MooncakeFeatureStore
+    from specforge_lightning.data.stores.mooncake_io import tensor_bytes
 
     store = MooncakeFeatureStore(master, metadata, prefix=f"bench{uuid.uuid4().hex[:6]}", segment_bytes=512 << 20,
                                  local_buffer_bytes=256 << 20, staging_bytes=64 << 20, consume_once=False)
@@ -171,7 +174,7 @@ def data_wait(args, cfg: PrepareConfig, source: str, tmp: Path, store: StoreSpec
 
     from specforge_lightning.algorithms.eagle3 import Eagle3Module
     from specforge_lightning.callbacks.stream_health import StreamHealth
-    from specforge_lightning.data.stream_datamodule import StreamDataModule
+    from specforge_lightning.datamodules import StreamDataModule
     from specforge_lightning.target.producer import ProducerConfig, run_producer
 
     if source == "ledger":

@@ -153,12 +153,18 @@ class StrategySpec:
     """What an algorithm consumes and how a sample qualifies, declared to the data plane.
 
     The data plane reads this declaration; it never imports the algorithm.
-    ``min_supervised_run`` is the shortest run of adjacent supervised tokens a
-    sample must contain to be useful (1 for EAGLE3, 2 for the DFlash family).
-    ``loss`` is the algorithm's loss function; it returns the loss and
-    count-based acceptance statistics (numerators and denominators).
-    ``optional_features`` are delivered when the features hold them (e.g. a shortcut the
-    algorithm can otherwise compute itself); older feature sets without them still train.
+
+    Fields:
+        name: the algorithm's registry name (also the TrainBatch ``strategy``).
+        features: captured tensors every sample must hold.
+        optional_features: delivered when the features hold them (e.g. a shortcut the
+            algorithm can otherwise compute itself); older feature sets without them still train.
+        min_supervised_run: the shortest run of adjacent supervised tokens a sample must
+            contain to be useful (1 for EAGLE3, 2 for the DFlash family).
+        layer_preset: the target layers ``prepare`` captures when the prepare section names
+            none (``eagle3`` or ``spread:<count>``); the datamodules check the features against it.
+        layer_count: how many captured layers the draft's input takes (None: any number).
+        resume_strict_hparams: module hyperparameters a resume may not change (loss options).
     """
 
     name: str
@@ -166,7 +172,8 @@ class StrategySpec:
     optional_features: tuple[str, ...] = ()
     min_supervised_run: int = 1
     layer_preset: str = "eagle3"
-    loss: Any = None
+    layer_count: int | None = None
+    resume_strict_hparams: tuple[str, ...] = ()
 
     def accepts(self, loss_mask: Sequence[int]) -> bool:
         run = best = 0

@@ -1,9 +1,9 @@
 """Built-in callbacks: atomic checkpoints with best tracking, exact resume, graceful preemption."""
 
-from specforge_lightning.callbacks.checkpoint import (
+from specforge_lightning.callbacks.checkpoint import SpecForgeCheckpoint
+from specforge_lightning.callbacks.checkpoint_io import (
     CheckpointError,
     SafeCheckpointIO,
-    SpecForgeCheckpoint,
     find_best_checkpoint,
     find_last_checkpoint,
     read_checkpoint,

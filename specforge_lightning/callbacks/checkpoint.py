@@ -16,207 +16,33 @@ deletes the best or the last.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import re
-import uuid
-from collections.abc import Callable, Sequence
 from typing import Any
 from weakref import proxy
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from specforge_lightning.callbacks.checkpoint_io import (
+    ExactResume,
+    checkpoint_name,
+    find_last_checkpoint,
+    install_safe_io,
+    link_atomic,
+    read_record,
+)
+from specforge_lightning.files import is_temp_name, write_json_atomic
+
 log = logging.getLogger(__name__)
 
 STEP_PATTERN = re.compile(r"^step-(\d+)\.ckpt$")
-TEMP_MARKER = ".tmp-"
-TRAINING_KEYS = ("state_dict", "pytorch-lightning_version", "global_step", "loops")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, truncated or not what this run can load; the message names it."""
-
-
-# --------------------------------------------------------------------------- files
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}.ckpt"
-
-
-def _fsync_dir(folder: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_json_atomic(path: str, obj: dict[str, Any]) -> None:
-    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}{TEMP_MARKER}{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _link_atomic(folder: str, link_name: str, target_name: str) -> bool:
-    """Point ``folder/link_name`` at ``target_name`` (relative); False where symlinks are not allowed."""
-    tmp = os.path.join(folder, f".{link_name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
-    try:
-        os.symlink(target_name, tmp)
-        os.replace(tmp, os.path.join(folder, link_name))
-        return True
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        return False
-
-
-def read_record(dirpath: _PATH, name: str) -> dict[str, Any] | None:
-    """The ``last``/``best`` JSON record in ``dirpath``, or None (a corrupt record is reported and ignored)."""
-    path = os.path.join(os.fspath(dirpath), f"{name}.json")
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable checkpoint record %s: %s", path, e)
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-        log.warning("ignoring checkpoint record %s: it names no checkpoint file", path)
-        return None
-    return record
-
-
-def resolve_pointer(dirpath: _PATH, name: str) -> str | None:
-    """Absolute path of the checkpoint that ``name`` (``last`` or ``best``) points at, if that file exists."""
-    folder = os.fspath(dirpath)
-    record = read_record(folder, name)
-    if record is not None:
-        path = os.path.join(folder, record["path"])
-        if os.path.isfile(path):
-            return os.path.abspath(path)
-    link = os.path.join(folder, f"{name}.ckpt")
-    if os.path.isfile(link):  # follows a symlink; also a plain copy left by other tools
-        return os.path.abspath(os.path.realpath(link))
-    return None
-
-
-def find_last_checkpoint(dirpath: _PATH) -> str | None:
-    return resolve_pointer(dirpath, "last")
-
-
-def find_best_checkpoint(dirpath: _PATH) -> str | None:
-    return resolve_pointer(dirpath, "best")
-
-
-def read_checkpoint(
-    path: _PATH,
-    io: CheckpointIO | None = None,
-    required: Sequence[str] = TRAINING_KEYS,
-    map_location: Any = "cpu",
-    weights_only: bool | None = None,
-) -> dict[str, Any]:
-    """Load and structurally check a checkpoint; every failure is a CheckpointError naming the file."""
-    path = os.fspath(path)
-    if "://" not in path and not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
-    io = io or TorchCheckpointIO()
-    try:
-        checkpoint = io.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-    except Exception as e:  # torch raises several types for truncated, corrupt and foreign files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated, corrupt, or not a torch checkpoint): "
-            f"{type(e).__name__}: {reason}"
-        ) from e
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
-    missing = [k for k in required if k not in checkpoint]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} is not a Lightning training checkpoint: it lacks {missing} "
-            f"(its keys: {sorted(map(str, checkpoint))[:8]})"
-        )
-    return checkpoint
-
-
-class SafeCheckpointIO(CheckpointIO):
-    """Writes through a temp name and ``os.replace``; checks every loaded file before anything is restored.
-
-    ``validators`` are called as ``fn(checkpoint, path)`` after a load and may
-    raise to refuse the file; Lightning restores nothing until the load returns.
-    """
-
-    def __init__(self, inner: CheckpointIO | None = None) -> None:
-        self.inner = inner or TorchCheckpointIO()
-        self.validators: list[Callable[[dict[str, Any], str], None]] = []
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        path = os.fspath(path)
-        if "://" in path:  # remote filesystems have their own semantics; no rename there
-            self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-            return
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            self.inner.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(folder)
-
-    @override
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = read_checkpoint(path, self.inner, map_location=map_location or "cpu", weights_only=weights_only)
-        for validate in self.validators:
-            validate(checkpoint, os.fspath(path))
-        return checkpoint
-
-    @override
-    def remove_checkpoint(self, path: _PATH) -> None:
-        self.inner.remove_checkpoint(path)
-
-    @override
-    def teardown(self) -> None:
-        self.inner.teardown()
-
-
-def install_safe_io(trainer: L.Trainer) -> SafeCheckpointIO | None:
-    """Wrap the strategy's plain torch CheckpointIO in a SafeCheckpointIO (once); None if it is something else."""
-    io = trainer.strategy.checkpoint_io
-    if isinstance(io, SafeCheckpointIO):
-        return io
-    if type(io) is not TorchCheckpointIO:
-        log.warning("checkpoint IO %s is kept as is: its writes are not made atomic", type(io).__name__)
-        return None
-    safe = SafeCheckpointIO(io)
-    trainer.strategy.checkpoint_io = safe
-    return safe
-
-
-# --------------------------------------------------------------------------- callback
 
 
 class SpecForgeCheckpoint(ModelCheckpoint):
@@ -306,14 +132,12 @@ class SpecForgeCheckpoint(ModelCheckpoint):
         self._set_best(best)
         self.last_record = last
         self.last_model_path = os.path.join(self.dirpath, last["path"]) if last else ""
-        from specforge_lightning.callbacks.resume import ResumeState  # resume imports this module
-
-        if stage == TrainerFn.FITTING and not any(isinstance(cb, ResumeState) for cb in trainer.callbacks):
+        if stage == TrainerFn.FITTING and not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
             log.warning("SpecForgeCheckpoint without ResumeState: checkpoints will not resume the data position exactly")
 
     def _remove_stale_temps(self) -> None:
         for name in os.listdir(self.dirpath):
-            if name.startswith(".") and TEMP_MARKER in name:
+            if is_temp_name(name):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.dirpath, name))
                     log.info("removed %s, left by an interrupted checkpoint write", name)
@@ -378,8 +202,8 @@ class SpecForgeCheckpoint(ModelCheckpoint):
         name = self._saved.get(step) or os.path.basename(self._save(trainer))
         record = {"metric": self.monitor, "mode": self.mode, "score": score, "step": step, "path": name}
         if trainer.is_global_zero:
-            _write_json_atomic(os.path.join(self.dirpath, "best.json"), record)
-            _link_atomic(self.dirpath, "best.ckpt", name)
+            write_json_atomic(os.path.join(self.dirpath, "best.json"), record)
+            link_atomic(self.dirpath, "best.ckpt", name)
         trainer.strategy.barrier("SpecForgeCheckpoint.best")
         self._set_best(record)
         self.current_score = torch.tensor(score)
@@ -417,8 +241,8 @@ class SpecForgeCheckpoint(ModelCheckpoint):
         self._last_checkpoint_saved = path
         record = {"step": step, "path": name}
         if trainer.is_global_zero:
-            _write_json_atomic(os.path.join(self.dirpath, "last.json"), record)
-            _link_atomic(self.dirpath, "last.ckpt", name)
+            write_json_atomic(os.path.join(self.dirpath, "last.json"), record)
+            link_atomic(self.dirpath, "last.ckpt", name)
             self._rotate(step, name)
         trainer.strategy.barrier("SpecForgeCheckpoint.save")
         self.last_record, self.last_model_path = record, path

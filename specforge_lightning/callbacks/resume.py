@@ -28,7 +28,7 @@ import json
 import logging
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -38,23 +38,34 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from specforge_lightning.callbacks.checkpoint import CheckpointError, install_safe_io, read_checkpoint
+from specforge_lightning.callbacks.checkpoint_io import CheckpointError, ExactResume, install_safe_io, read_checkpoint
+from specforge_lightning.contracts import StrategySpec
 from specforge_lightning.data.loader import FeatureDataLoader
-from specforge_lightning.target.prepare import IDENTITY_FIELDS
+from specforge_lightning.data.manifest import IDENTITY_FIELDS
 
 log = logging.getLogger(__name__)
 
 RESUME_KEY = "specforge_resume"
 RESUME_VERSION = 1
-# Loss options of the built-in algorithms; a module may add its own with a
-# ``resume_strict_hparams`` class attribute.
-DEFAULT_STRICT_HPARAMS = ("ttt_length", "loss_decay", "loss_normalize", "block_size")
 # Manifest fields that say what the features ARE.
 MANIFEST_IDENTITY = IDENTITY_FIELDS
 
 
 class ResumeMismatchError(CheckpointError):
     """The checkpoint belongs to a different run configuration; the message names each difference."""
+
+
+class AlgorithmModule(Protocol):
+    """What ResumeState reads of the module: the StrategySpec every algorithm's module declares."""
+
+    strategy_spec: StrategySpec
+
+
+@runtime_checkable
+class TakesTrainState(Protocol):
+    """A datamodule that can start its train loader at a saved position (``FeatureDataLoader.state_dict`` format)."""
+
+    def load_train_state(self, state: dict[str, Any]) -> None: ...
 
 
 # --------------------------------------------------------------------------- RNG
@@ -148,7 +159,7 @@ def _drop_lightning_loader_state(checkpoint: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- callback
 
 
-class ResumeState(Callback):
+class ResumeState(ExactResume, Callback):
     """Saves every rank's trained data position and RNG; validates and restores them on ``fit(ckpt_path=...)``.
 
     Put it next to ``SpecForgeCheckpoint``. Saves must happen on every rank at
@@ -160,8 +171,8 @@ class ResumeState(Callback):
             optimizer, data position, step or RNG is taken from it, and no run-identity
             check applies. Ignored when the run resumes (``ckpt_path`` given): the resumed
             checkpoint already holds the warm-started weights.
-        strict_hparams: module hyperparameters that may not change on resume; default
-            ``DEFAULT_STRICT_HPARAMS`` plus the module's ``resume_strict_hparams``.
+        strict_hparams: module hyperparameters that may not change on resume, on top of those
+            the module's ``strategy_spec.resume_strict_hparams`` declares (its loss options).
 
     Raises:
         ResumeMismatchError: on load, when the run differs from the checkpoint's run.
@@ -170,7 +181,7 @@ class ResumeState(Callback):
 
     def __init__(self, warm_start_from: str | None = None, strict_hparams: Sequence[str] | None = None) -> None:
         self.warm_start_from = warm_start_from
-        self.strict_hparams = tuple(strict_hparams) if strict_hparams is not None else None
+        self.strict_hparams = tuple(strict_hparams or ())
         self._trainer: L.Trainer | None = None
         self._module: L.LightningModule | None = None
         self._trained: tuple[int, int] | None = None  # (epoch, next batch index) after the last trained batch
@@ -182,10 +193,8 @@ class ResumeState(Callback):
     def state_key(self) -> str:
         return "ResumeState"
 
-    def _strict(self, pl_module: L.LightningModule) -> tuple[str, ...]:
-        base = self.strict_hparams if self.strict_hparams is not None else DEFAULT_STRICT_HPARAMS
-        extra = tuple(getattr(pl_module, "resume_strict_hparams", ()))
-        return tuple(dict.fromkeys(base + extra))
+    def _strict(self, pl_module: AlgorithmModule) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(pl_module.strategy_spec.resume_strict_hparams + self.strict_hparams))
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -280,12 +289,13 @@ class ResumeState(Callback):
         if mine.get("loader") is not None and state.get("loader") is not None:
             loader_state = {**state["loader"], "ranks": {r: e["loader"] for r, e in ranks.items()}}
             self._restored = (int(mine["loader"]["epoch"]), int(mine["loader"]["batches_done"]))
-            restore = getattr(trainer.datamodule, "load_train_state", None)
-            if restore is None:
+            datamodule = trainer.datamodule
+            if not isinstance(datamodule, TakesTrainState):
                 raise CheckpointError(
-                    f"{type(trainer.datamodule).__name__} cannot take a train position (no load_train_state)"
+                    f"{type(datamodule).__name__} cannot take a train position: ResumeState needs a datamodule "
+                    "with load_train_state (FeatureDataModule, StreamDataModule)"
                 )
-            restore(loader_state)
+            datamodule.load_train_state(loader_state)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from typing import Any
 
 from specforge_lightning.contracts import SampleRef
 from specforge_lightning.control.ledger import Backpressure, Ledger
+from specforge_lightning.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,6 @@ def stream_file(ledger_path: str | Path, name: str) -> Path:
     return Path(ledger_path).resolve().parent / name
 
 
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def write_stream_manifest(ledger_path: str | Path, manifest: Mapping[str, Any], identity_fields: Sequence[str]) -> Path:
     """Announce the stream. A restarted producer must announce the same identity; a different one is refused."""
     path = stream_file(ledger_path, STREAM_MANIFEST)
@@ -63,7 +57,7 @@ def write_stream_manifest(ledger_path: str | Path, manifest: Mapping[str, Any], 
                     f"{path} announces a different stream ({name}: {existing.get(name)!r} there, "
                     f"{manifest.get(name)!r} now); use a fresh ledger folder for a different stream"
                 )
-    _write_json_atomic(path, {**manifest, "format": STREAM_FORMAT})
+    write_json_atomic(path, {**manifest, "format": STREAM_FORMAT})
     return path
 
 
@@ -139,7 +133,8 @@ class ProducerProgress:
 
     def write(self, next_index: int, published: int, **info: float) -> None:
         """Record the position; ``info`` (e.g. ``samples_per_s``) is for observers such as StreamHealth."""
-        _write_json_atomic(self.path, {**info, "next_index": next_index, "published": published})
+        # Written after every publish: no fsync (a lost write only replays what the ledger already knows).
+        write_json_atomic(self.path, {**info, "next_index": next_index, "published": published}, fsync=False)
 
     def read_info(self) -> dict[str, float]:
         """Everything the file holds, including the producer's own rate (empty before the first write)."""

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from specforge_lightning.contracts import SampleRef, TrainBatch
+from specforge_lightning.data.collate import pad_collate
+from specforge_lightning.data.prefetch import Prefetcher, Work
 from specforge_lightning.data.stores.base import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -49,47 +49,6 @@ def distributed_indices(n: int, world_size: int, rank: int, seed: int, epoch: in
     return indices[rank:total:world_size]
 
 
-def pad_collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad every tensor's dim 0 (the sequence axis) with zeros to the batch max, then stack.
-
-    Adds ``attention_mask`` (B, S) int64, 1 on real tokens, unless the samples bring their own.
-    """
-    if not samples:
-        raise ValueError("pad_collate needs at least one sample")
-    keys = set(samples[0])
-    lengths = []
-    for i, s in enumerate(samples):
-        if set(s) != keys:
-            raise ValueError(f"sample {i} has features {sorted(s)}, sample 0 has {sorted(keys)}")
-        lens = {k: int(t.shape[0]) for k, t in s.items() if t.dim() > 0}
-        if len(set(lens.values())) > 1:
-            raise ValueError(f"sample {i}: features disagree on the sequence length (dim 0): {lens}")
-        lengths.append(next(iter(lens.values()), 0))
-    batch, seq = len(samples), max(lengths)
-    out: dict[str, torch.Tensor] = {}
-    for key in sorted(keys):
-        first = samples[0][key]
-        if first.dim() == 0:
-            out[key] = torch.stack([s[key] for s in samples])
-            continue
-        padded = first.new_zeros((batch, seq, *first.shape[1:]))
-        for i, s in enumerate(samples):
-            t = s[key]
-            if t.shape[1:] != first.shape[1:] or t.dtype != first.dtype:
-                raise ValueError(
-                    f"feature {key!r}: sample {i} is {tuple(t.shape)} {t.dtype}, "
-                    f"sample 0 is {tuple(first.shape)} {first.dtype}"
-                )
-            padded[i, : t.shape[0]] = t
-        out[key] = padded
-    if "attention_mask" not in out:
-        mask = torch.zeros(batch, seq, dtype=torch.int64)
-        for i, length in enumerate(lengths):
-            mask[i, :length] = 1
-        out["attention_mask"] = mask
-    return out
-
-
 @runtime_checkable
 class RefStream(Protocol):
     """Where online refs come from (a ledger inbox, an in-process queue).
@@ -107,100 +66,6 @@ class RefStream(Protocol):
     def fail(self, refs: Sequence[SampleRef], retryable: bool) -> None: ...
 
     def exhausted(self) -> bool: ...
-
-
-@dataclass
-class _Work:
-    """One materialised batch (None if every sample was skipped) and the refs it used."""
-
-    batch: TrainBatch | None
-    refs: list[SampleRef]
-
-
-class _Prefetcher:
-    """Runs a batch source on a thread, up to ``depth`` batches ahead, yielding in order.
-
-    An error on the thread is re-raised to the consumer; ``close`` stops the
-    thread, joins it, and hands every batch that was never yielded to ``on_drop``.
-
-    The thread runs its torch ops on one intra-op thread: it only reads and collates
-    (a few ms a batch), and with the default pool it would start a second OpenMP team
-    whose spinning threads take the cores from the training step's matmuls (a
-    quickstart step on 2 cores: ~300 ms with a 2-thread prefetcher, ~255 ms with this).
-    """
-
-    def __init__(
-        self,
-        source_fn: Callable[[threading.Event], Iterator[_Work]],
-        depth: int,
-        on_drop: Callable[[_Work], None] | None,
-    ) -> None:
-        self._stop = threading.Event()
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-        self._on_drop = on_drop
-        # PyTorch sizes a thread's pool once, from the last value any thread set: settle the
-        # consumer's before the worker narrows its own to one (see _run).
-        torch.get_num_threads()
-        self._thread = threading.Thread(target=self._run, args=(source_fn,), name="feature-prefetch", daemon=True)
-        self._thread.start()
-
-    def _offer(self, msg: tuple[str, Any]) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(msg, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _drop(self, work: _Work) -> None:
-        if self._on_drop is not None:
-            try:
-                self._on_drop(work)
-            except Exception:  # shutting down: report, do not mask the caller's exit
-                log.exception("failed to hand back a prefetched batch")
-
-    def _run(self, source_fn: Callable[[threading.Event], Iterator[_Work]]) -> None:
-        torch.set_num_threads(1)  # this thread's pool only; the consumer keeps its own
-        source = None
-        try:
-            source = source_fn(self._stop)
-            for work in source:
-                if not self._offer(("work", work)):
-                    self._drop(work)
-                    return
-            self._offer(("end", None))
-        except BaseException as e:  # noqa: BLE001 - every failure must reach the consumer
-            self._offer(("error", e))
-        finally:
-            if source is not None:
-                try:
-                    source.close()
-                except Exception as e:
-                    self._offer(("error", e))
-
-    def __iter__(self) -> Iterator[_Work]:
-        while True:
-            kind, value = self._queue.get()
-            if kind == "work":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise value
-
-    def close(self, timeout_s: float = 60.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            log.warning("prefetch thread did not stop within %.0f s", timeout_s)
-        while True:
-            try:
-                kind, value = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "work":
-                self._drop(value)
 
 
 class FeatureDataLoader:
@@ -374,7 +239,7 @@ class FeatureDataLoader:
             raise ValueError(f"one batch mixes strategies {sorted(found)}")
         return found.pop() if found else ""
 
-    def _make(self, refs: list[SampleRef], metadata: dict[str, Any]) -> _Work:
+    def _make(self, refs: list[SampleRef], metadata: dict[str, Any]) -> Work:
         strategy = self._strategy_of(refs)
         samples, ids, skipped = [], [], []
         for ref in refs:
@@ -388,13 +253,13 @@ class FeatureDataLoader:
             with self._stats_lock:
                 self.skipped_samples += len(skipped)
         if not samples:
-            return _Work(None, refs)
+            return Work(None, refs)
         tensors = self.collate(samples)
-        return _Work(TrainBatch(ids, strategy, tensors, {**metadata, "skipped": skipped}), refs)
+        return Work(TrainBatch(ids, strategy, tensors, {**metadata, "skipped": skipped}), refs)
 
     def _drive(
-        self, source_fn: Callable[[threading.Event], Iterator[_Work]], on_drop: Callable[[_Work], None] | None
-    ) -> Iterator[_Work]:
+        self, source_fn: Callable[[threading.Event], Iterator[Work]], on_drop: Callable[[Work], None] | None
+    ) -> Iterator[Work]:
         if self.prefetch == 0:
             source = source_fn(threading.Event())
             try:
@@ -402,7 +267,7 @@ class FeatureDataLoader:
             finally:
                 source.close()
         else:
-            prefetcher = _Prefetcher(source_fn, self.prefetch, on_drop)
+            prefetcher = Prefetcher(source_fn, self.prefetch, on_drop)
             try:
                 yield from prefetcher
             finally:
@@ -424,7 +289,7 @@ class FeatureDataLoader:
         # calling next() once it has taken len(self) batches, so the end of the generator never runs.
         self.epoch = epoch + 1
 
-        def source(stop: threading.Event) -> Iterator[_Work]:
+        def source(stop: threading.Event) -> Iterator[Work]:
             for i in range(start, len(chunks)):
                 if stop.is_set():
                     return
@@ -443,7 +308,7 @@ class FeatureDataLoader:
     def _consume_once(self) -> bool:
         return bool(getattr(self.store, "consume_once", True))
 
-    def _stream_source(self, stop: threading.Event) -> Iterator[_Work]:
+    def _stream_source(self, stop: threading.Event) -> Iterator[Work]:
         assert self.stream is not None
         bs, pending, index = self.batch_size, [], 0
         try:
@@ -475,7 +340,7 @@ class FeatureDataLoader:
             if pending:  # fetched from the stream but never materialised
                 self.stream.fail(pending, retryable=True)
 
-    def _give_back(self, work: _Work) -> None:
+    def _give_back(self, work: Work) -> None:
         assert self.stream is not None
         self.stream.fail(work.refs, retryable=not self._consume_once())
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from specforge_lightning.files import atomic_path
+
 
 def count_supervised_tokens(samples: Iterable[tuple[Sequence[int], Sequence[int]]]) -> Counter:
     counts: Counter = Counter()
@@ -41,9 +43,8 @@ def build_vocab_mapping(counts: Counter, vocab_size: int, draft_vocab_size: int)
 
 
 def save_vocab_mapping(path: str | Path, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-    tmp = Path(str(path) + ".tmp")
-    save_file({"d2t": d2t.contiguous(), "t2d": t2d.contiguous()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"d2t": d2t.contiguous(), "t2d": t2d.contiguous()}, str(tmp))
 
 
 def load_vocab_mapping(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,17 +13,24 @@ an exported folder (hf or sglang).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-from collections.abc import Mapping, Sequence
-from dataclasses import fields
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from specforge_lightning.data.corpus import CHAT_ROLES, SHAREGPT_ROLES
+from specforge_lightning.algorithms.base import DraftLoadError, LoadOptions
+from specforge_lightning.data.chat import template_hash
+from specforge_lightning.errors import UserError
+from specforge_lightning.evaluation.decode_linear import use_decode_linears
+from specforge_lightning.evaluation.prompts import eos_ids, held_out_prompts, prompt_ids, read_prepare_section, read_prompt_file
+from specforge_lightning.evaluation.report import format_summary, write_report
+from specforge_lightning.evaluation.speculative import run_speculative_eval
+from specforge_lightning.export.drafts import load_draft
+from specforge_lightning.target.prepare import PrepareConfig
+from specforge_lightning.target.zoo import load_target, resolve_target
 
+DEFAULT_HELD_OUT = 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_path", required=True, help="Lightning checkpoint, or an exported draft folder")
     p.add_argument("--output", required=True, help="result JSON; the plot goes next to it as .png")
     p.add_argument("--prompts", default=None, help="JSONL: one {'prompt': str} or {'conversations': [...]} per line")
-    p.add_argument("--num_prompts", type=int, default=20)
+    p.add_argument("--num_prompts", type=int, default=None,
+                   help=f"how many prompts (default: all of --prompts, or {DEFAULT_HELD_OUT} held-out ones)")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--k", "--num_draft_tokens", dest="num_draft_tokens", type=int, default=5,
                    help="draft tokens per verify step (chain drafting)")
@@ -52,190 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# --------------------------------------------------------------------------- the fit config
-
-
-def read_prepare_section(config_path: str | None) -> dict[str, Any]:
-    """``data.init_args.prepare`` (or ``data.prepare``) of a fit config, as PrepareConfig fields."""
-    from specforge_lightning.target.prepare import PrepareConfig
-
-    if not config_path:
-        return {}
-    import yaml
-
-    path = Path(config_path)
-    if not path.is_file():
-        raise SystemExit(f"evaluate: config file not found: {config_path}")
-    node = yaml.safe_load(path.read_text()) or {}
-    data = node.get("data") if isinstance(node, dict) else None
-    if not isinstance(data, dict):
-        raise SystemExit(f"evaluate: {config_path} has no 'data' section (expected a fit config)")
-    data = data.get("init_args", data)
-    prep = dict(data.get("prepare") or {})
-    known = {f.name for f in fields(PrepareConfig)}
-    unknown = sorted(set(prep) - known)
-    if unknown:
-        raise SystemExit(f"evaluate: unknown key(s) {unknown} in data.prepare of {config_path}")
-    return prep
-
-
-def held_out_skip(prep: Mapping[str, Any]) -> int:
-    """First conversation index that training could not have read.
-
-    ``prepare`` records in its manifest where it stopped reading the corpus
-    (``corpus_end``: it skips conversations it cannot use, so that is more than
-    the sample count); everything from there on is held out.
-    """
-    from specforge_lightning.target.prepare import PrepareConfig, read_manifest
-
-    cfg = PrepareConfig(**prep)
-    manifest = read_manifest(cfg.output_dir)
-    if manifest is None or "corpus_end" not in manifest:
-        raise SystemExit(
-            f"evaluate: held-out prompts start where prepare stopped reading the corpus, but {cfg.output_dir} "
-            "has no manifest with corpus_end; run fit/prepare first or pass --prompts"
-        )
-    return int(manifest["corpus_end"])
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
-    if isinstance(out, Mapping):
-        out = out["input_ids"]
-    return [int(t) for t in out]
-
-
-def first_user_turn(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
-    """Messages up to and including the first user message (a leading system message is kept)."""
-    out = []
-    for m in messages:
-        out.append({"role": m["role"], "content": m["content"]})
-        if m["role"] == "user":
-            return out
-    raise ValueError("conversation has no user message")
-
-
-def _normalize(conv: Sequence[Any], where: str) -> list[dict[str, str]]:
-    msgs = []
-    for m in conv:
-        if not isinstance(m, Mapping):
-            raise ValueError(f"{where}: a conversation entry is not an object")
-        if "role" in m:
-            role, content = CHAT_ROLES.get(str(m["role"])), m.get("content")
-        else:
-            role, content = SHAREGPT_ROLES.get(str(m.get("from"))), m.get("value")
-        if role is None or not isinstance(content, str):
-            raise ValueError(f"{where}: entries need role/content (or ShareGPT from/value), got {dict(m)}")
-        msgs.append({"role": role, "content": content})
-    return msgs
-
-
-def read_prompt_file(path: str | Path) -> list[list[dict[str, str]]]:
-    """Conversations (cut after the first user turn) from a JSONL of ``prompt`` or ``conversations`` objects."""
-    convs = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e})") from e
-        if isinstance(obj, Mapping) and isinstance(obj.get("prompt"), str):
-            convs.append([{"role": "user", "content": obj["prompt"]}])
-        elif isinstance(obj, Mapping) and isinstance(obj.get("conversations"), list):
-            convs.append(first_user_turn(_normalize(obj["conversations"], where)))
-        else:
-            raise ValueError(f"{where}: expected an object with a 'prompt' string or a 'conversations' list")
-    return convs
-
-
-def held_out_prompts(
-    prep: Mapping[str, Any], tokenizer: Any, num: int, max_prompt_tokens: int
-) -> tuple[list[list[int]], str]:
-    """The first ``num`` held-out corpus conversations whose prompt fits ``max_prompt_tokens``."""
-    from specforge_lightning.data.corpus import load_conversations
-
-    corpus = prep.get("corpus", "sharegpt")
-    skip = held_out_skip(prep)
-    convs = load_conversations(corpus, limit=num * 20 + 100, skip=skip)
-    prompts, used = [], 0
-    for conv in convs:
-        if len(prompts) == num:
-            break
-        used += 1
-        ids = prompt_ids(tokenizer, first_user_turn(conv))
-        if len(ids) <= max_prompt_tokens:
-            prompts.append(ids)
-    if not prompts:
-        raise SystemExit(f"evaluate: no held-out {corpus} prompt of at most {max_prompt_tokens} tokens")
-    desc = (
-        f"{corpus} held-out conversations from index {skip} ({used} read, {len(prompts)} kept with "
-        f"<= {max_prompt_tokens} prompt tokens), first user turn, chat template + generation prompt"
-    )
-    return prompts, desc
-
-
-def eos_ids(tokenizer: Any, model: Any) -> set[int]:
-    from specforge_lightning.data.chat import end_of_turn_id
-
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= {int(i) for i in (gen if isinstance(gen, (list, tuple)) else [gen]) if i is not None}
-    try:
-        ids.add(end_of_turn_id(tokenizer))
-    except ValueError:
-        pass
-    return ids
-
-
 # --------------------------------------------------------------------------- main
 
 
 def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     ns = build_parser().parse_args(None if args is None else list(args))
-    from specforge_lightning.data.chat import template_hash
-    from specforge_lightning.evaluation.report import format_summary, write_report
-    from specforge_lightning.evaluation.speculative import run_speculative_eval
-    from specforge_lightning.export.loading import DraftLoadError, load_draft, load_module_draft
-    from specforge_lightning.target.prepare import PrepareConfig
-    from specforge_lightning.target.zoo import load_target, resolve_target
-
     if ns.threads:
         torch.set_num_threads(ns.threads)
     prep = read_prepare_section(ns.config)
     defaults = PrepareConfig(**prep)
     target_name = ns.target or (defaults.target if ns.config else None)
     if not target_name:
-        raise SystemExit("evaluate: give --config (a fit config) or --target")
+        raise UserError("evaluate: give --config (a fit config) or --target")
     if not ns.config and not ns.prompts:
-        raise SystemExit("evaluate: without --config, give --prompts")
+        raise UserError("evaluate: without --config, give --prompts")
     target_dir = resolve_target(target_name, defaults.cache_dir)
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     try:
-        loaded = load_module_draft(ns.ckpt_path, trusted=ns.trust_checkpoint) or load_draft(
-            ns.ckpt_path, target_dir=str(target_dir), trusted=ns.trust_checkpoint
-        )
+        algorithm, loaded = load_draft(ns.ckpt_path, LoadOptions(str(target_dir), True, ns.trust_checkpoint))
     except DraftLoadError as e:
         raise SystemExit(f"evaluate: {e}") from None
     if not loaded.has_embedding:
         raise SystemExit(f"evaluate: {ns.ckpt_path}: draft has no embedding and none could be read from {target_dir}")
     model, tokenizer = load_target(target_dir, dtype=DTYPES[ns.dtype])
     cfg = model.config
-    c = loaded.config
-    if (c.vocab_size, c.target_hidden_size) != (cfg.vocab_size, cfg.hidden_size):
+    if (loaded.vocab_size, loaded.target_hidden_size) != (cfg.vocab_size, cfg.hidden_size):
         raise SystemExit(
-            f"evaluate: draft {ns.ckpt_path} was built for vocab {c.vocab_size} / hidden {c.target_hidden_size}, "
-            f"target {target_dir} has {cfg.vocab_size} / {cfg.hidden_size}"
+            f"evaluate: draft {ns.ckpt_path} was built for vocab {loaded.vocab_size} / hidden "
+            f"{loaded.target_hidden_size}, target {target_dir} has {cfg.vocab_size} / {cfg.hidden_size}"
         )
-    if not c.aux_layer_ids:  # an SGLang folder without eagle_config: SGLang's default layers, ours too
-        from specforge_lightning.target.layers import eagle3_layer_ids
-
-        c.aux_layer_ids = tuple(eagle3_layer_ids(int(cfg.num_hidden_layers)))
     draft = loaded.draft
     if ns.draft_dtype:
         for p in draft.parameters():
@@ -244,31 +98,33 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     draft.to(device)
     decode_linears = 0
     if device.type == "cpu" and not ns.plain_linear:  # the same layers serve target-only and speculative decoding
-        from specforge_lightning.evaluation.decode_linear import use_decode_linears
-
         decode_linears = use_decode_linears(model) + use_decode_linears(draft)
-    drafter = draft.make_drafter() if hasattr(draft, "make_drafter") else None  # None: EAGLE3 chain drafting
+    drafter = algorithm.make_drafter(loaded)
 
     if ns.prompts:
-        prompts = [prompt_ids(tokenizer, conv) for conv in read_prompt_file(ns.prompts)[: ns.num_prompts]]
+        convs = read_prompt_file(ns.prompts)
+        if not convs:
+            raise UserError(f"{ns.prompts}: the prompts file holds no prompts")
+        if ns.num_prompts is not None and ns.num_prompts < len(convs):
+            print(f"evaluating the first {ns.num_prompts} of the {len(convs)} prompts in {ns.prompts} (--num_prompts)")
+        prompts = [prompt_ids(tokenizer, conv) for conv in convs[: ns.num_prompts]]
         desc = f"file {ns.prompts} (first user turn, chat template + generation prompt)"
     else:
         limit = ns.max_prompt_tokens or defaults.max_length
-        prompts, desc = held_out_prompts(prep, tokenizer, ns.num_prompts, limit)
+        prompts, desc = held_out_prompts(prep, tokenizer, ns.num_prompts or DEFAULT_HELD_OUT, limit)
 
     result = run_speculative_eval(
         model,
-        draft,
+        drafter,
         prompts,
         num_draft_tokens=ns.num_draft_tokens,
         max_new_tokens=ns.max_new_tokens,
         eos_ids=eos_ids(tokenizer, model),
         warmup=not ns.no_warmup,
-        drafter=drafter,
     )
     result["settings"] = {
         "num_draft_tokens": ns.num_draft_tokens,
-        "drafting": getattr(drafter, "description", "chain (top-1), verify k+1 tokens per target forward"),
+        "drafting": drafter.description,
         "temperature": 0.0,
         "max_new_tokens": ns.max_new_tokens,
         "prompts": desc,
@@ -277,14 +133,14 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         "target_dir": str(target_dir),
         "chat_template_hash": template_hash(tokenizer),
         "dtype": ns.dtype,
-        "draft_dtype": str(draft.fc.weight.dtype).removeprefix("torch."),
+        "draft_dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "decode_linear_layers": decode_linears,
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
-    result["draft"] = {**loaded.describe(), "aux_layer_ids": list(c.aux_layer_ids), "draft_vocab_size": c.draft_vocab_size}
+    result["draft"] = loaded.describe()
     json_path, png_path = write_report(result, ns.output)
     print(format_summary(result))
     print(f"wrote {json_path} and {png_path}")

@@ -1,10 +1,11 @@
-"""Greedy speculative decoding with an EAGLE3 draft against a transformers target.
+"""Greedy speculative decoding with any algorithm's drafter against a transformers target.
 
 This is the measurement the training metrics only estimate: the target
 verifies ``k`` drafted tokens in one forward pass over its KV cache, accepts
 the longest prefix that equals its own greedy choices plus one bonus token,
 and the draft continues from the verified text with the target's real hidden
-states. Greedy (temperature 0), one sequence at a time, so the output is the
+states. The drafter comes from the algorithm (``Algorithm.make_drafter``); this module
+knows only the ``Drafter`` protocol of ``algorithms.base``. Greedy (temperature 0), one sequence at a time, so the output is the
 target's own greedy output token for token; only the number of target
 forward passes changes. (Exactly so in float32. In bf16/fp16 a (k+1)-token
 forward rounds differently from k+1 one-token forwards, so near-tied logits can
@@ -21,16 +22,16 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from specforge_lightning.algorithms.eagle3.model import Eagle3Cache, Eagle3Draft
-from specforge_lightning.evaluation.metrics import simulated_acceptance_length
+from specforge_lightning.algorithms.base import Drafter
+from specforge_lightning.algorithms.metrics import simulated_acceptance_length
+from specforge_lightning.target.hooks import capture_layer_outputs, decoder_layers
 
 SPEEDUP_DEFINITION = (
     "speculative tokens/s / target-only greedy tokens/s, wall clock, same prompts, decoded back to back; "
@@ -44,22 +45,9 @@ ACCEPTANCE_LENGTH_DEFINITION = (
     "tokens emitted by verify steps / number of verify steps; a step emits its accepted draft tokens plus "
     "the target's bonus token; the first new token (from the prompt prefill) is not a verify step"
 )
-SIMULATED_DEFINITION = (
-    "1 + sum_k prod_{j<=k} acc_j, acc_j = teacher-forced top-1 accuracy of draft step j along the target's "
-    "greedy output on the same prompts (predicted tokens after the first new token only)"
-)
 
 
 # --------------------------------------------------------------------------- the target
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a transformers causal LM (``model.model.layers`` for Llama/Qwen)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise TypeError(f"cannot find the decoder layers of {type(model).__name__}")
-    return layers
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -104,21 +92,6 @@ class TargetRunner:
         if remove > 0:
             self.cache.crop(-remove)
 
-    @contextmanager
-    def _capture(self) -> Iterator[dict[int, torch.Tensor]]:
-        captured: dict[int, torch.Tensor] = {}
-        hooks = [
-            self._layers[i].register_forward_hook(
-                lambda _m, _a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)
-            )
-            for i in sorted(set(self.layer_ids))
-        ]
-        try:
-            yield captured
-        finally:
-            for h in hooks:
-                h.remove()
-
     @torch.inference_mode()
     def forward(self, ids: Sequence[int], keep_logits: int | None = None) -> tuple[list[int], torch.Tensor | None]:
         """Append ``ids`` to the cache; greedy next ids for the last ``keep_logits`` inputs (default all)."""
@@ -130,7 +103,7 @@ class TargetRunner:
         if not self.layer_ids:
             out = self.model(input_ids=x, **kwargs)
             return out.logits[0].argmax(-1).tolist(), None
-        with self._capture() as captured:
+        with capture_layer_outputs(self._layers, self.layer_ids) as captured:
             out = self.model(input_ids=x, **kwargs)
         aux = torch.cat([captured[i][0] for i in self.layer_ids], dim=-1)
         return out.logits[0].argmax(-1).tolist(), aux
@@ -143,69 +116,6 @@ def greedy_generate(runner: TargetRunner, prompt_ids: Sequence[int], max_new_tok
     while len(out) < max_new_tokens and out[-1] not in eos_ids:
         out.append(runner.forward(out[-1:])[0][-1])
     return out
-
-
-# --------------------------------------------------------------------------- the draft
-
-
-class Drafter(Protocol):
-    """What the harness needs from a draft: start on a prompt, propose k tokens, learn what was verified."""
-
-    def start(self, aux: torch.Tensor, next_ids: Sequence[int]) -> None: ...
-
-    def propose(self, k: int) -> list[int]: ...
-
-    def accept(self, aux: torch.Tensor, next_ids: Sequence[int]) -> None: ...
-
-
-class Eagle3Drafter:
-    """Chain drafting with an ``Eagle3Draft`` and its KV cache.
-
-    ``start``/``accept`` feed verified slots: the target's aux states (T, 3·H_t)
-    of tokens ``x_t`` next to the tokens ``x_{t+1}`` that follow them. ``propose``
-    extends the last verified slot ``k - 1`` times on the draft's own hidden
-    states; ``accept`` first drops those chain keys again.
-    """
-
-    def __init__(self, draft: Eagle3Draft) -> None:
-        self.draft = draft.eval()
-        self.device = draft.fc.weight.device
-        self.cache = Eagle3Cache()
-        self.length = 0  # verified slots in the cache
-        self._logits: torch.Tensor | None = None
-        self._hidden: torch.Tensor | None = None
-
-    def start(self, aux: torch.Tensor, next_ids: Sequence[int]) -> None:
-        self.cache, self.length = Eagle3Cache(), 0
-        self._feed(aux, next_ids)
-
-    def _feed(self, aux: torch.Tensor, next_ids: Sequence[int]) -> None:
-        T = len(next_ids)
-        ids = torch.tensor([list(next_ids)], dtype=torch.long, device=self.device)
-        pos = torch.arange(self.length, self.length + T, device=self.device)[None]
-        logits, hidden, self.cache = self.draft.draft_step(ids, aux[None].to(self.device), pos, self.cache)
-        self.length += T
-        self._logits, self._hidden = logits[0, -1], hidden[:, -1:]
-
-    def _pick(self, logits: torch.Tensor) -> int:
-        return int(self.draft.to_target_ids(logits.argmax(-1)))
-
-    @torch.no_grad()
-    def propose(self, k: int) -> list[int]:
-        if k <= 0:
-            return []
-        tokens = [self._pick(self._logits)]
-        hidden = self._hidden
-        for j in range(k - 1):
-            ids = torch.tensor([[tokens[-1]]], dtype=torch.long, device=self.device)
-            pos = torch.tensor([[self.length + j]], device=self.device)
-            logits, hidden, self.cache = self.draft.draft_step(ids, hidden, pos, self.cache)
-            tokens.append(self._pick(logits[0, -1]))
-        return tokens
-
-    def accept(self, aux: torch.Tensor, next_ids: Sequence[int]) -> None:
-        self.cache.truncate(self.length)
-        self._feed(aux, next_ids)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -284,41 +194,6 @@ def per_position_acceptance(traces: Sequence[SpecTrace], k: int) -> tuple[list[f
     return rates, accepted, eligible
 
 
-# --------------------------------------------------------------------------- teacher-forced accuracy
-
-
-@torch.no_grad()
-def teacher_forced_counts(
-    runner: TargetRunner, draft: Eagle3Draft, prompt_ids: Sequence[int], output_ids: Sequence[int], k: int
-) -> tuple[list[int], list[int]]:
-    """Per-step (correct, total) of the draft along the target's greedy output, as in TTT training.
-
-    Step j at slot t sees the true tokens up to ``x_{t+1+j}`` and predicts ``x_{t+2+j}``;
-    only predictions of the new tokens after the first one count (what the harness drafts).
-    """
-    ids = list(prompt_ids) + list(output_ids)
-    P, L = len(prompt_ids), len(ids)
-    correct, total = [0] * k, [0] * k
-    if L < P + 2:
-        return correct, total
-    runner.reset()
-    _, aux = runner.forward(ids, keep_logits=1)
-    x = torch.tensor([ids], dtype=torch.long, device=aux.device)
-    steps = draft.ttt_forward(x.to(draft.fc.weight.device), aux[None].to(draft.fc.weight.device), length=k)
-    for j, (logits, _) in enumerate(steps):
-        t = torch.arange(L, device=x.device)
-        target_index = t + 2 + j
-        valid = (target_index >= P + 1) & (target_index < L)
-        if not valid.any():
-            continue
-        pred = draft.to_target_ids(logits[0].argmax(-1)).to(x.device)
-        truth = x[0, target_index[valid]]
-        correct[j] += int((pred[valid] == truth).sum())
-        total[j] += int(valid.sum())
-    runner.reset()
-    return correct, total
-
-
 # --------------------------------------------------------------------------- a whole evaluation
 
 
@@ -333,32 +208,25 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 
 def run_speculative_eval(
     target: nn.Module,
-    draft: Eagle3Draft,
+    drafter: Drafter,
     prompts: Sequence[Sequence[int]],
     *,
     num_draft_tokens: int,
     max_new_tokens: int,
     eos_ids: set[int],
     warmup: bool = True,
-    drafter: Drafter | None = None,
 ) -> dict[str, Any]:
     """Decode every prompt target-only and speculatively; return measured and simulated numbers.
 
-    Both decodes of a prompt run back to back, so load changes hit both alike.
-    ``drafter`` defaults to ``Eagle3Drafter(draft)``; the teacher-forced accuracy
-    uses the drafter's own ``teacher_forced_counts`` when it has one (block
-    drafters), else ``draft``'s TTT steps.
+    Both decodes of a prompt run back to back, so load changes hit both alike. The
+    teacher-forced accuracy (the simulated AL) is the drafter's own ``teacher_forced_counts``.
     """
     if num_draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("num_draft_tokens and max_new_tokens must be >= 1")
     if not prompts:
         raise ValueError("no prompts to evaluate")
-    layer_ids = draft.config.aux_layer_ids
-    if len(layer_ids) * draft.config.target_hidden_size != draft.fc.in_features:
-        raise ValueError(f"draft config has aux_layer_ids {layer_ids}; its fc expects {draft.fc.in_features} inputs")
     plain = TargetRunner(target)
-    hooked = TargetRunner(target, layer_ids)
-    drafter = drafter or Eagle3Drafter(draft)
+    hooked = TargetRunner(target, drafter.layer_ids)
     device = plain.device
     k = num_draft_tokens
 
@@ -374,10 +242,7 @@ def run_speculative_eval(
             lambda: speculative_generate(hooked, drafter, prompt, k, max_new_tokens, eos_ids), device
         )
         traces.append(trace)
-        if hasattr(drafter, "teacher_forced_counts"):  # drafters that are not EAGLE3 chains score themselves
-            c, t = drafter.teacher_forced_counts(hooked, prompt, reference, k)
-        else:
-            c, t = teacher_forced_counts(hooked, draft, prompt, reference, k)
+        c, t = drafter.teacher_forced_counts(hooked, prompt, reference, k)
         tf_correct = [a + b for a, b in zip(tf_correct, c)]
         tf_total = [a + b for a, b in zip(tf_total, t)]
         per_prompt.append(
@@ -410,7 +275,7 @@ def run_speculative_eval(
         "acceptance_length": emitted / steps if steps else None,
         "acceptance_length_definition": ACCEPTANCE_LENGTH_DEFINITION,
         "simulated_acceptance_length": simulated_acceptance_length(tf_acc),
-        "simulated_acceptance_length_definition": getattr(drafter, "simulated_definition", SIMULATED_DEFINITION),
+        "simulated_acceptance_length_definition": drafter.simulated_definition,
         "teacher_forced_accuracy": tf_acc,
         "teacher_forced_counts": {"correct": tf_correct, "total": tf_total},
         "per_position_acceptance": rates,
@@ -432,13 +297,10 @@ def run_speculative_eval(
 
 
 __all__ = [
-    "Drafter",
-    "Eagle3Drafter",
     "SpecTrace",
     "TargetRunner",
     "greedy_generate",
     "per_position_acceptance",
     "run_speculative_eval",
     "speculative_generate",
-    "teacher_forced_counts",
 ]

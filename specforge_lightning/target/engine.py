@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 
 from specforge_lightning.contracts import PromptTask
+from specforge_lightning.target.hooks import capture_layer_outputs, decoder_layers, decoder_of
+from specforge_lightning.target.zoo import load_target
 
 
 class TargetEngine(Protocol):
@@ -43,14 +45,9 @@ class HFTargetEngine:
 
     @classmethod
     def from_path(cls, path: str, dtype: torch.dtype = torch.bfloat16, capture_dtype: torch.dtype | None = None):
-        from specforge_lightning.target.zoo import load_target
-
         model, tokenizer = load_target(path, dtype=dtype)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return cls(model, capture_dtype=capture_dtype or dtype, pad_id=pad)
-
-    def _decoder(self) -> torch.nn.Module:
-        return self.model.model
 
     @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
     def capture(self, tasks: Sequence[PromptTask], layer_ids: Sequence[int]) -> list[dict[str, torch.Tensor]]:
@@ -67,17 +64,10 @@ class HFTargetEngine:
             ids[row, : task.num_tokens] = torch.tensor(task.input_ids, dtype=torch.long)
             attn[row, : task.num_tokens] = 1
 
-        decoder = self._decoder()
-        captured: dict[int, torch.Tensor] = {}
-        hooks = [
-            decoder.layers[i].register_forward_hook(lambda _m, _a, out, i=i: captured.__setitem__(i, _first(out)))
-            for i in sorted(set(layer_ids))
-        ]
-        try:
-            out = decoder(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        with capture_layer_outputs(decoder_layers(self.model), layer_ids) as captured:
+            out = decoder_of(self.model)(
+                input_ids=ids.to(self.device), attention_mask=attn.to(self.device), use_cache=False
+            )
         last = out.last_hidden_state  # after the final norm: what lm_head reads
         aux = torch.cat([captured[i] for i in layer_ids], dim=-1)
         top1 = self._greedy_after_supervised(last, tasks)
@@ -113,7 +103,3 @@ class HFTargetEngine:
             rows = last[wanted]
             top1[wanted] = torch.cat([head(chunk).float().argmax(-1) for chunk in rows.split(1024)])
         return top1
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out

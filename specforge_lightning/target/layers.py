@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from specforge_lightning.contracts import StrategySpec
+
 
 def eagle3_layer_ids(num_layers: int) -> list[int]:
     """EAGLE3's low, middle and high layer: [1, N//2 - 1, N - 4]."""
@@ -35,3 +37,24 @@ def resolve_layer_ids(preset: str, num_layers: int, layer_ids: list[int] | None 
     if preset.startswith("spread:"):
         return spread_layer_ids(num_layers, int(preset.split(":", 1)[1]))
     raise ValueError(f"unknown layer preset {preset!r}; use 'eagle3' or 'spread:<count>'")
+
+
+def preset_or_spec(preset: str | None, spec: StrategySpec | None) -> str:
+    """The configured preset, else the algorithm's (``StrategySpec.layer_preset``)."""
+    if preset:
+        return preset
+    if spec is not None:
+        return spec.layer_preset
+    raise ValueError(
+        "no target layers chosen: set data.init_args.prepare.layer_preset (e.g. 'eagle3' or 'spread:5') "
+        "or data.init_args.prepare.layer_ids, or pass the algorithm's StrategySpec"
+    )
+
+
+def planned_layer_ids(
+    num_layers: int, preset: str | None, layer_ids: list[int] | None, spec: StrategySpec | None
+) -> list[int]:
+    """The layers a capture reads: explicit ids, else the configured preset, else the algorithm's preset."""
+    if layer_ids:
+        return resolve_layer_ids("", num_layers, layer_ids)
+    return resolve_layer_ids(preset_or_spec(preset, spec), num_layers)

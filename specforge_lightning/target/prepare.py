@@ -14,47 +14,31 @@ the request is refused, naming the field.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from specforge_lightning.contracts import SCHEMA_VERSION, PromptTask
+from specforge_lightning.contracts import SCHEMA_VERSION, PromptTask, StrategySpec
 from specforge_lightning.data import corpus as corpus_lib
 from specforge_lightning.data.chat import template_hash, tokenize_conversation, tokenizer_hash
-from specforge_lightning.data.shards import ShardError, read_shard_index, write_shard
-from specforge_lightning.data.vocab import build_vocab_mapping, count_supervised_tokens, coverage, save_vocab_mapping
-from specforge_lightning.target.layers import resolve_layer_ids
-
-MANIFEST = "manifest.json"
-VOCAB_FILE = "vocab_mapping.safetensors"
-# Fields that define what the features ARE; any difference makes old shards unusable.
-IDENTITY_FIELDS = (
-    "schema_version",
-    "target",
-    "target_weights_hash",
-    "layer_ids",
-    "capture_dtype",
-    "max_length",
-    "tokenizer_hash",
-    "chat_template_hash",
-    "corpus",
-    "skip_samples",
-    "num_samples",
-    "num_val_samples",
-    "max_messages",
-    "train_only_last_turn",
-    "draft_vocab_size",
-    "shard_size",
-    "regenerate",
-    "regenerate_max_new_tokens",
-    "regenerate_samples",
+from specforge_lightning.data.manifest import (
+    STANDARD_FEATURES,
+    VOCAB_FILE,
+    manifest_mismatch,
+    read_manifest,
+    write_manifest,
 )
+from specforge_lightning.data.stores.shards import ShardError, read_shard_index, write_shard
+from specforge_lightning.data.vocab import build_vocab_mapping, count_supervised_tokens, coverage, save_vocab_mapping
+from specforge_lightning.target.capture import has_nan
+from specforge_lightning.target.engine import HFTargetEngine
+from specforge_lightning.target.layers import planned_layer_ids
+from specforge_lightning.target.regenerate import prompt_ids, regenerate_tasks
+from specforge_lightning.target.zoo import resolve_target, weights_hash
 
 
 @dataclass
@@ -70,7 +54,8 @@ class PrepareConfig:
     max_length: int = 256
     max_messages: int | None = None
     train_only_last_turn: bool = False
-    layer_preset: str = "eagle3"
+    # None: the algorithm's preset (StrategySpec.layer_preset); ``eagle3`` or ``spread:<count>``.
+    layer_preset: str | None = None
     layer_ids: list[int] | None = None
     draft_vocab_size: int = 8192
     batch_size: int = 8
@@ -86,7 +71,6 @@ class PrepareConfig:
     # labels are still the target's own predictions. Validation is always regenerated.
     regenerate_samples: int | None = None
     cache_dir: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.regenerate_samples is not None and not self.regenerate:
@@ -98,35 +82,12 @@ class PrepareConfig:
             )
 
 
-def _dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a config names (``bfloat16``, ``float32``, ...)."""
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}; use e.g. 'bfloat16' or 'float32'")
     return value
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-
-
-def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, directory / MANIFEST)
-
-
-def manifest_mismatch(existing: dict[str, Any], wanted: dict[str, Any], fields=IDENTITY_FIELDS) -> str | None:
-    """A message naming the first field whose value differs, or None."""
-    for name in fields:
-        if name in wanted and existing.get(name) != wanted[name]:
-            return f"{name}: prepared {existing.get(name)!r}, requested {wanted[name]!r}"
-    return None
 
 
 @dataclass
@@ -199,8 +160,6 @@ def _corpus_tasks(cfg: PrepareConfig, tokenizer, start: int, count: int) -> tupl
 
 def _regenerated(cfg: PrepareConfig, tokenizer, model, cache_file: Path | None, total: int):
     """``total`` regenerated tasks from ``skip_samples`` on: (tasks, dropped, end)."""
-    from specforge_lightning.target.regenerate import prompt_ids, regenerate_tasks
-
     # Prompts that leave no room for an answer are skipped before any generation;
     # a few spares cover answers that come back (nearly) empty.
     wanted = total + max(4, total // 50)
@@ -227,9 +186,7 @@ def _regenerated(cfg: PrepareConfig, tokenizer, model, cache_file: Path | None, 
 
 
 def feature_identity(cfg: PrepareConfig, target_dir: Path, tokenizer, layer_ids: list[int]) -> dict[str, Any]:
-    """The manifest fields that define what the features ARE (see IDENTITY_FIELDS)."""
-    from specforge_lightning.target.zoo import weights_hash
-
+    """The manifest fields that define what the features ARE (see data.manifest.IDENTITY_FIELDS)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "target": cfg.target,
@@ -265,25 +222,26 @@ def describe_features(identity, target_dir, tokenizer, hf_config, plan: TaskPlan
         "num_layers": int(hf_config.num_hidden_layers),
         "vocab_size": len(tokenizer),
         "vocab_mapping": VOCAB_FILE,
+        "features": list(STANDARD_FEATURES),
         "draft_vocab_coverage": {"train": coverage(counts, t2d), "val": coverage(val_counts, t2d)},
         "dropped_conversations": plan.dropped,
         "corpus_end": plan.corpus_end,
     }
 
 
-def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Capture features for ``cfg``; restartable; returns the final manifest."""
-    from transformers import AutoConfig, AutoTokenizer
+def prepare(cfg: PrepareConfig, spec: StrategySpec | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Capture features for ``cfg``; restartable; returns the final manifest.
 
-    from specforge_lightning.target.engine import HFTargetEngine
-    from specforge_lightning.target.zoo import resolve_target
+    ``spec`` supplies the layer preset when ``cfg`` names no layers.
+    """
+    from transformers import AutoConfig, AutoTokenizer
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     target_dir = resolve_target(cfg.target, cfg.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     hf_config = AutoConfig.from_pretrained(str(target_dir))
-    layer_ids = resolve_layer_ids(cfg.layer_preset, hf_config.num_hidden_layers, cfg.layer_ids)
+    layer_ids = planned_layer_ids(hf_config.num_hidden_layers, cfg.layer_preset, cfg.layer_ids, spec)
 
     identity = feature_identity(cfg, target_dir, tokenizer, layer_ids)
     existing = read_manifest(out)
@@ -298,7 +256,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     model = None
     if cfg.regenerate:
         engine = HFTargetEngine.from_path(
-            str(target_dir), dtype=_dtype(cfg.compute_dtype), capture_dtype=_dtype(cfg.capture_dtype)
+            str(target_dir), dtype=torch_dtype(cfg.compute_dtype), capture_dtype=torch_dtype(cfg.capture_dtype)
         )
         model = engine.model
     plan = build_tasks(cfg, tokenizer, model, out / "regenerated.jsonl")
@@ -311,7 +269,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         "complete": False,
         "splits": {},
     }
-    _write_manifest(out, manifest)
+    write_manifest(out, manifest)
 
     stats = {"nan_skipped": 0, "captured_tokens": 0, "seconds": 0.0}
     for split, tasks in (("train", train), ("val", val)):
@@ -325,7 +283,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 continue
             if engine is None:
                 engine = HFTargetEngine.from_path(
-                    str(target_dir), dtype=_dtype(cfg.compute_dtype), capture_dtype=_dtype(cfg.capture_dtype)
+                    str(target_dir), dtype=torch_dtype(cfg.compute_dtype), capture_dtype=torch_dtype(cfg.capture_dtype)
                 )
             chunk = tasks[shard_index * cfg.shard_size : (shard_index + 1) * cfg.shard_size]
             samples = _capture_chunk(engine, chunk, layer_ids, cfg.batch_size, stats, progress, rel)
@@ -340,7 +298,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     if stats["seconds"]:
         manifest["capture_tokens_per_s"] = round(stats["captured_tokens"] / stats["seconds"], 1)
     manifest["complete"] = True
-    _write_manifest(out, manifest)
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -371,7 +329,7 @@ def _capture_chunk(engine, tasks, layer_ids, batch_size, stats, progress, label)
             stats["seconds"] += time.perf_counter() - t0
             for i, f in zip(idx, feats):
                 stats["captured_tokens"] += tasks[i].num_tokens
-                if any(v.is_floating_point() and torch.isnan(v).any() for v in f.values()):
+                if has_nan(f):
                     stats["nan_skipped"] += 1
                     continue
                 captured[i] = f

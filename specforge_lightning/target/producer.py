@@ -13,6 +13,7 @@ done at the end. Restarted on the same ledger, it continues where it stopped.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from specforge_lightning.contracts import PromptTask
+from specforge_lightning.contracts import PromptTask, StrategySpec
 from specforge_lightning.control.producer import (
     STREAM_VOCAB,
     ProducerProgress,
@@ -33,23 +34,20 @@ from specforge_lightning.control.producer import (
 )
 from specforge_lightning.control.sqlite_ledger import SqliteLedger
 from specforge_lightning.data.loader import distributed_indices
-from specforge_lightning.data.online import (
-    CaptureEngine,
-    StoreSpec,
-    build_store,
-    capture_in_order,
-    epoch_sample_ids,
-    put_with_retry,
-)
+from specforge_lightning.data.manifest import IDENTITY_FIELDS
+from specforge_lightning.data.stores.spec import StoreSpec, build_store, put_with_retry
 from specforge_lightning.data.vocab import build_vocab_mapping, count_supervised_tokens, save_vocab_mapping
-from specforge_lightning.target.layers import resolve_layer_ids
+from specforge_lightning.target.capture import capture_in_order, epoch_sample_ids
+from specforge_lightning.target.engine import HFTargetEngine, TargetEngine
+from specforge_lightning.target.layers import planned_layer_ids
 from specforge_lightning.target.prepare import (
-    IDENTITY_FIELDS,
     PrepareConfig,
     build_tasks,
     describe_features,
     feature_identity,
+    torch_dtype,
 )
+from specforge_lightning.target.zoo import resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +67,11 @@ class StreamPlan:
     t2d: torch.Tensor
     manifest: dict[str, Any]  # prepare's identity fields and model facts; no splits yet
 
-    def load_engine(self) -> CaptureEngine:
-        from specforge_lightning.target.engine import HFTargetEngine
-
+    def load_engine(self) -> TargetEngine:
         return HFTargetEngine.from_path(
-            str(self.target_dir), dtype=_dtype(self.cfg.compute_dtype), capture_dtype=_dtype(self.cfg.capture_dtype)
+            str(self.target_dir),
+            dtype=torch_dtype(self.cfg.compute_dtype),
+            capture_dtype=torch_dtype(self.cfg.capture_dtype),
         )
 
     def provenance(self) -> dict[str, Any]:
@@ -81,23 +79,17 @@ class StreamPlan:
         return {k: self.manifest[k] for k in keys}
 
 
-def _dtype(name: str) -> torch.dtype:
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}; use e.g. 'bfloat16' or 'float32'")
-    return value
+def plan_stream(cfg: PrepareConfig, spec: StrategySpec | None = None) -> StreamPlan:
+    """Tasks, vocab mapping and manifest identity for ``cfg``, computed the way ``prepare`` computes them.
 
-
-def plan_stream(cfg: PrepareConfig) -> StreamPlan:
-    """Tasks, vocab mapping and manifest identity for ``cfg``, computed the way ``prepare`` computes them."""
+    ``spec`` supplies the layer preset when ``cfg`` names no layers.
+    """
     from transformers import AutoConfig, AutoTokenizer
-
-    from specforge_lightning.target.zoo import resolve_target
 
     target_dir = resolve_target(cfg.target, cfg.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     hf_config = AutoConfig.from_pretrained(str(target_dir))
-    layer_ids = resolve_layer_ids(cfg.layer_preset, hf_config.num_hidden_layers, cfg.layer_ids)
+    layer_ids = planned_layer_ids(hf_config.num_hidden_layers, cfg.layer_preset, cfg.layer_ids, spec)
     plan = build_tasks(cfg, tokenizer)
     train, val = plan.train, plan.val
     d2t, t2d = build_vocab_mapping(
@@ -143,14 +135,21 @@ def stream_manifest(cfg: ProducerConfig, plan: StreamPlan) -> dict[str, Any]:
 
 
 def run_producer(
-    cfg: ProducerConfig, *, stop: threading.Event | None = None, engine: CaptureEngine | None = None
+    cfg: ProducerConfig,
+    spec: StrategySpec | None = None,
+    *,
+    stop: threading.Event | None = None,
+    engine: TargetEngine | None = None,
 ) -> dict[str, Any]:
-    """Produce the whole stream (or the rest of it, after a restart); returns run statistics."""
+    """Produce the whole stream (or the rest of it, after a restart); returns run statistics.
+
+    ``spec`` (the trainers' algorithm) supplies the layer preset when ``cfg.prepare`` names none.
+    """
     ledger_path = Path(cfg.ledger)
     ledger_path.parent.mkdir(parents=True, exist_ok=True)
     stop = stop or threading.Event()
     with producer_lock(ledger_path):
-        plan = plan_stream(cfg.prepare)
+        plan = plan_stream(cfg.prepare, spec)
         save_vocab_mapping(stream_file(ledger_path, STREAM_VOCAB), plan.d2t, plan.t2d)
         write_stream_manifest(ledger_path, stream_manifest(cfg, plan), STREAM_IDENTITY_FIELDS)
         ledger = SqliteLedger(ledger_path)
@@ -239,17 +238,43 @@ def _produce(cfg, plan, engine, store, publisher, point, stop) -> dict[str, Any]
 # --------------------------------------------------------------------------- CLI
 
 
-def _producer_section(path: str) -> dict[str, Any]:
-    """``data.init_args`` of a fit config (the keys a producer knows), or a whole producer YAML."""
+def _read_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     with open(path) as f:
-        node = yaml.safe_load(f) or {}
+        return yaml.safe_load(f) or {}
+
+
+def _producer_section(path: str) -> dict[str, Any]:
+    """``data.init_args`` of a fit config (the keys a producer knows), or a whole producer YAML."""
+    node = _read_yaml(path)
     if "data" in node:
         node = node["data"] or {}
         node = node.get("init_args", node)
     known = set(ProducerConfig.__dataclass_fields__)
     return {k: v for k, v in node.items() if k in known}
+
+
+def config_strategy_spec(path: str) -> StrategySpec | None:
+    """The StrategySpec of a fit config's ``model.class_path`` (None for a producer YAML without a model).
+
+    The class is imported by the path the user wrote, as LightningCLI would; the
+    producer reads only its declared ``strategy_spec`` (the layer preset).
+    """
+    model = _read_yaml(path).get("model") or {}
+    class_path = model.get("class_path") if isinstance(model, dict) else None
+    if not class_path:
+        return None
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls.strategy_spec
+
+
+def _config_path(args: list[str]) -> str | None:
+    config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if config is None and "--config" in args and args.index("--config") + 1 < len(args):
+        config = args[args.index("--config") + 1]
+    return config
 
 
 def parse_args(args: list[str]) -> ProducerConfig:
@@ -258,9 +283,7 @@ def parse_args(args: list[str]) -> ProducerConfig:
     parser = ArgumentParser(prog="specforge_lightning produce", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=str, default=None, help="a fit config (reads data.init_args) or a producer YAML")
     parser.add_class_arguments(ProducerConfig, as_group=False)
-    config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
-    if config is None and "--config" in args and args.index("--config") + 1 < len(args):
-        config = args[args.index("--config") + 1]
+    config = _config_path(args)
     if config:
         section = _producer_section(config)
         defaults = asdict(ProducerConfig())
@@ -273,12 +296,17 @@ def parse_args(args: list[str]) -> ProducerConfig:
     return ProducerConfig(**{k: getattr(init, k) for k in ProducerConfig.__dataclass_fields__})
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None, spec: StrategySpec | None = None) -> None:
+    """``produce``: ``spec`` (the CLI passes the algorithm's) else the config's ``model.class_path`` names the layers."""
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_args(list(sys.argv[1:] if args is None else args))
-    stats = run_producer(cfg)
+    argv = list(sys.argv[1:] if args is None else args)
+    cfg = parse_args(argv)
+    config = _config_path(argv)
+    if spec is None and config:
+        spec = config_strategy_spec(config)
+    stats = run_producer(cfg, spec)
     print(
         f"producer: {stats['published']} refs published on {cfg.ledger} "
         f"({stats.get('published_now', 0)} this run, {stats.get('samples_per_s', 0.0):.2f} samples/s)"

@@ -10,13 +10,13 @@ finished within the budget.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from specforge_lightning.contracts import PromptTask
+from specforge_lightning.files import write_text_atomic
 
 
 def prompt_ids(tokenizer, messages: Sequence[dict], max_prompt_tokens: int) -> list[int] | None:
@@ -135,8 +135,7 @@ def _read_cache(path: Path | None) -> list[PromptTask] | None:
 
 
 def _write_cache(path: Path, tasks: Sequence[PromptTask]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for t in tasks:
-            f.write(json.dumps({"task_id": t.task_id, "input_ids": t.input_ids, "loss_mask": t.loss_mask}) + "\n")
-    os.replace(tmp, path)
+    lines = (
+        json.dumps({"task_id": t.task_id, "input_ids": t.input_ids, "loss_mask": t.loss_mask}) + "\n" for t in tasks
+    )
+    write_text_atomic(path, "".join(lines))

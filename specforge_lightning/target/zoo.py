@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from specforge_lightning.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -101,7 +103,7 @@ def weights_hash(path: str | Path) -> str:
     digest = h.hexdigest()
     with contextlib.suppress(OSError):  # a read-only cache only costs a rehash next time
         sidecar.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(sidecar, json.dumps({"path": str(folder), "files": stamp, "sha256": digest}))
+        write_text_atomic(sidecar, json.dumps({"path": str(folder), "files": stamp, "sha256": digest}))
     return digest
 
 
@@ -155,12 +157,6 @@ def _file_lock(path: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _package_dir(package: str, install_hint: str) -> Path:

@@ -4,6 +4,7 @@ decode-time proposals equal to the teacher-forced blocks, and the simulated AL e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,14 @@ from specforge_lightning.evaluation.speculative import (
     run_speculative_eval,
     speculative_generate,
 )
-from tests.evaluation.test_speculative import eval_prompts, make_prompts, tiny_target
+from specforge_lightning.algorithms.registry import get_algorithm
+from tests.evaluation.test_speculative import eval_prompts, greedy_corpus, make_prompts, tiny_target
+
+
+def make_drafter(draft: DFlashDraft):
+    """The drafter the registry's record builds for this draft (what ``evaluate`` uses)."""
+    name = "domino" if isinstance(draft, DominoDraft) else "dflash"
+    return get_algorithm(name).make_drafter(SimpleNamespace(draft=draft))
 
 LAYERS = (1, 2, 3)
 BS = 4  # block size: DFlash proposes at most 3 tokens, Domino (shifted labels) 4
@@ -52,13 +60,7 @@ def make_draft(target, kind: str, seed: int) -> DFlashDraft:
 
 def train_blocks(draft: DFlashDraft, target, prompts: Sequence[Sequence[int]], steps: int) -> None:
     """Overfit the draft to the target's greedy continuations: every position an anchor, CE over the block."""
-    runner = TargetRunner(target, LAYERS)
-    seqs = [list(p) + greedy_generate(TargetRunner(target), p, 24, set()) for p in prompts]
-    auxes = []
-    for s in seqs:
-        runner.reset()
-        auxes.append(runner.forward(s, keep_logits=1)[1])
-    x, aux = torch.tensor(seqs), torch.stack(auxes)
+    x, aux = greedy_corpus(target, prompts)
     B, L = x.shape
     anchors = torch.arange(L - 1).expand(B, -1)
     keep = torch.ones_like(anchors, dtype=torch.bool)
@@ -98,15 +100,15 @@ def leading(hits: torch.Tensor) -> int:
 
 def test_make_drafter_picks_the_block_drafter(target):
     dflash, domino = make_draft(target, "dflash", 0), make_draft(target, "domino", 0)
-    assert type(dflash.make_drafter()) is BlockDrafter and type(domino.make_drafter()) is DominoBlockDrafter
-    assert dflash.make_drafter().num_positions == BS - 1 and domino.make_drafter().num_positions == BS
-    assert dflash.make_drafter().layer_ids == LAYERS == dflash.config.aux_layer_ids
+    assert type(make_drafter(dflash)) is BlockDrafter and type(make_drafter(domino)) is DominoBlockDrafter
+    assert make_drafter(dflash).num_positions == BS - 1 and make_drafter(domino).num_positions == BS
+    assert make_drafter(dflash).layer_ids == LAYERS == dflash.config.aux_layer_ids
 
 
 @pytest.mark.parametrize("kind", ["dflash", "domino"])
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_random_block_draft_output_identical_to_greedy(target, kind, k):
-    drafter = make_draft(target, kind, seed=7).make_drafter()
+    drafter = make_drafter(make_draft(target, kind, seed=7))
     plain, hooked = TargetRunner(target), TargetRunner(target, LAYERS)
     for prompt in eval_prompts():
         ref = greedy_generate(plain, prompt, 20, set())
@@ -119,7 +121,7 @@ def test_random_block_draft_output_identical_to_greedy(target, kind, k):
 @pytest.mark.parametrize("kind", ["dflash", "domino"])
 @pytest.mark.parametrize("k", [2, 4])
 def test_trained_block_draft_exact_with_multi_token_acceptance(target, trained, kind, k):
-    drafter = trained[kind].make_drafter()  # one drafter reused across prompts, as the evaluator does
+    drafter = make_drafter(trained[kind])  # one drafter reused across prompts, as the evaluator does
     plain, hooked = TargetRunner(target), TargetRunner(target, LAYERS)
     cap = min(k, drafter.num_positions)
     traces = []
@@ -143,7 +145,7 @@ def test_trained_block_draft_exact_with_multi_token_acceptance(target, trained, 
 
 
 def test_teacher_forced_counts_are_conditional(target, trained):
-    drafter = trained["dflash"].make_drafter()
+    drafter = make_drafter(trained["dflash"])
     hooked = TargetRunner(target, LAYERS)
     prompt = eval_prompts()[0]
     ref = greedy_generate(TargetRunner(target), prompt, 30, set())
@@ -161,12 +163,12 @@ def test_run_speculative_eval_with_block_drafter(target, trained):
     draft = trained["dflash"]
     prompts = eval_prompts()[:3]
     k = 3
-    res = run_speculative_eval(target, draft, prompts, num_draft_tokens=k, max_new_tokens=16, eos_ids=set(),
-                               warmup=False, drafter=draft.make_drafter())
+    res = run_speculative_eval(target, make_drafter(draft), prompts, num_draft_tokens=k, max_new_tokens=16, eos_ids=set(),
+                               warmup=False)
     assert res["identical_outputs"] == 3 and res["acceptance_length"] > 1.2
     assert res["simulated_acceptance_length_definition"] == BLOCK_SIMULATED_DEFINITION
     # With conditional accuracies, 1 + Σ_k Π acc_j is the mean over anchors of 1 + leading correct (capped at k).
-    drafter, hooked = draft.make_drafter(), TargetRunner(target, LAYERS)
+    drafter, hooked = make_drafter(draft), TargetRunner(target, LAYERS)
     leads = []
     for p, row in zip(prompts, res["per_prompt"]):
         hit, valid = drafter.teacher_forced_hits(hooked, p, row["output_ids"], k)

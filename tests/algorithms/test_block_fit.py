@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
 import torch
 
 from specforge_lightning.algorithms.dflash import DFlashModule
-from specforge_lightning.algorithms.dflash.export import load_hf
+from specforge_lightning.algorithms.base import LoadOptions
+from specforge_lightning.export.drafts import load_draft
 from specforge_lightning.algorithms.domino import DominoModule
 from specforge_lightning.cli import main
 
@@ -22,7 +24,6 @@ def test_tiny_fit_loss_decreases(tmp_path, name, cls):
         f"--data.init_args.prepare.output_dir={tmp_path / 'feats'}",
         f"--trainer.default_root_dir={run}",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={run}",
         "--trainer.enable_progress_bar=false",
         "--trainer.max_steps=30", "--trainer.val_check_interval=15", "--trainer.log_every_n_steps=1",
     ])
@@ -43,7 +44,8 @@ def test_tiny_fit_loss_decreases(tmp_path, name, cls):
     assert back.draft_config.target_layer_ids == (1, 3, 5)  # spread:3 on the 8-layer tiny target
 
     main(["export", "--ckpt_path", str(ckpt), "--format", "hf", "--output_dir", str(tmp_path / "hf")])
-    draft, cfg = load_hf(tmp_path / "hf")
+    draft = load_draft(tmp_path / "hf", LoadOptions())[1].draft
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["algorithm"] == name and cfg["block_size"] == 4 and cfg["dflash_config"]["target_layer_ids"] == [1, 3, 5]
     for k, v in back.draft.export_state_dict().items():
         assert torch.equal(draft.export_state_dict()[k], v), k

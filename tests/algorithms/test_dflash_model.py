@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specforge_lightning.algorithms.common import apply_rope, rope_cos_sin, rope_inv_freq
+from specforge_lightning.algorithms.layers import apply_rope, rope_cos_sin, rope_inv_freq
 from specforge_lightning.algorithms.dflash.model import (
     DFlashConfig,
     DFlashDraft,

@@ -86,7 +86,7 @@ def test_mask_token_resolution_order(target):
 
 
 def test_registry_and_strategy_spec():
-    assert get_algorithm("dflash") is DFlashModule
+    assert get_algorithm("dflash").module is DFlashModule
     spec = strategy_spec("dflash")
     assert spec.min_supervised_run == 2 and spec.layer_preset.startswith("spread:")
     assert set(spec.features) == {"input_ids", "loss_mask", "aux_hidden_states"}

@@ -37,7 +37,7 @@ def write_config(root: Path, features: Path, interrupt_at: int | None) -> Path:
         },
         "model": {"class_path": "specforge_lightning.algorithms.dflash.DFlashModule",
                   "init_args": {"block_size": 4, "num_anchors": 6, "lr": 1e-2, "warmup_ratio": 0.2}},
-        "data": {"class_path": "specforge_lightning.data.datamodule.FeatureDataModule",
+        "data": {"class_path": "specforge_lightning.datamodules.FeatureDataModule",
                  "init_args": {"batch_size": 2, "auto_prepare": False, "prepare": prepare}},
     }
     path = root / "config.yaml"

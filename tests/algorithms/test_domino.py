@@ -102,6 +102,6 @@ def test_checkpoint_round_trip_and_registry(tmp_path, target):
     assert isinstance(back.draft_config, DominoConfig) and back.draft_config == m.draft_config
     for k, v in m.draft.state_dict().items():
         torch.testing.assert_close(back.draft.state_dict()[k], v)
-    assert get_algorithm("domino") is DominoModule and strategy_spec("domino").min_supervised_run == 2
+    assert get_algorithm("domino").module is DominoModule and strategy_spec("domino").min_supervised_run == 2
     hf = m.draft_config.hf_config()
     assert hf["dflash_config"]["projector_type"] == "domino" and hf["dflash_config"]["gru_hidden_dim"] == 12

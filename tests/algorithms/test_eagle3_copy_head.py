@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specforge_lightning.algorithms.common import rope_inv_freq
+from specforge_lightning.algorithms.layers import rope_inv_freq
 from specforge_lightning.algorithms.eagle3.copy_head import (
     content_pairs,
     fit_token_readout,

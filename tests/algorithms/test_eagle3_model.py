@@ -7,27 +7,12 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from specforge_lightning.algorithms.common import rope_cos_sin, rope_inv_freq
+from specforge_lightning.algorithms.layers import rope_cos_sin, rope_inv_freq
+from specforge_lightning.algorithms.eagle3.export import REQUIRED_TENSORS
 from specforge_lightning.algorithms.eagle3.model import Eagle3Cache, Eagle3Config, Eagle3Draft, shift_left
 from tests.algorithms.test_eagle3_loss import make_case, tiny_config
 
-SGLANG_NAMES = {
-    "fc.weight",
-    "midlayer.self_attn.q_proj.weight",
-    "midlayer.self_attn.k_proj.weight",
-    "midlayer.self_attn.v_proj.weight",
-    "midlayer.self_attn.o_proj.weight",
-    "midlayer.mlp.gate_proj.weight",
-    "midlayer.mlp.up_proj.weight",
-    "midlayer.mlp.down_proj.weight",
-    "midlayer.input_layernorm.weight",
-    "midlayer.hidden_norm.weight",
-    "midlayer.post_attention_layernorm.weight",
-    "norm.weight",
-    "lm_head.weight",
-    "d2t",
-    "t2d",
-}
+SGLANG_NAMES = set(REQUIRED_TENSORS)  # the names SGLang loads, as the exporter requires them
 
 
 def test_state_dict_uses_sglang_names_and_shapes():

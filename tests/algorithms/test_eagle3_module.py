@@ -12,13 +12,23 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specforge_lightning.algorithms.common import warmup_cosine
+from specforge_lightning.algorithms.optim import warmup_cosine
 from specforge_lightning.algorithms.eagle3 import Eagle3Module
+from specforge_lightning.algorithms.eagle3.init import (
+    CopyHead,
+    CurrentTokenHead,
+    Eagle3Initializer,
+    TargetFC,
+    TargetHead,
+    TargetMidlayer,
+    TargetNorm,
+    assign_kv_heads,
+)
 from specforge_lightning.algorithms.eagle3.loss import compute_teacher, effective_loss_mask
 from specforge_lightning.algorithms.eagle3.model import shift_left
 from specforge_lightning.algorithms.registry import get_algorithm, strategy_spec
 from specforge_lightning.contracts import FeatureContext, TrainBatch
-from specforge_lightning.evaluation.metrics import simulated_acceptance_length
+from specforge_lightning.algorithms.metrics import simulated_acceptance_length
 
 V, VD, H, LAYERS = 64, 24, 32, 4
 AUX = (0, 1, 2)
@@ -105,9 +115,10 @@ def mean_loss(module: Eagle3Module, batches: list[TrainBatch]) -> float:
 
 
 def test_registry_and_strategy_spec():
-    assert get_algorithm("eagle3") is Eagle3Module
+    assert get_algorithm("eagle3").module is Eagle3Module
     spec = strategy_spec("eagle3")
-    assert spec.name == "eagle3" and spec.min_supervised_run == 1 and callable(spec.loss)
+    assert spec.name == "eagle3" and spec.min_supervised_run == 1 and spec.layer_count == 3
+    assert spec.resume_strict_hparams == ("ttt_length", "loss_decay", "loss_normalize")
     assert set(spec.features) == {"input_ids", "loss_mask", "aux_hidden_states", "last_hidden_state"}
 
 
@@ -162,7 +173,7 @@ def test_validate_logs_count_based_acceptance(target):
 
 def test_smart_init_sets_expected_tensors(target):
     model, context, _ = target
-    module = Eagle3Module(init_lm_head=True, init_norm=True, init_fc=True, init_midlayer=True, init_layer=-1)
+    module = Eagle3Module(init=[TargetHead(), TargetNorm(), TargetFC(), TargetMidlayer(layer=-1)])
     module.build(context)
     d, sd = module.draft, model.state_dict()
     target_ids = torch.arange(VD) + d.d2t
@@ -291,9 +302,7 @@ class SampledData(ListData):
 def test_copy_head_is_planted_on_a_fresh_fit_only(target, tmp_path):
     model, context, batches = target
     data = SampledData(context, batches, model)
-    hp = dict(
-        ttt_length=2, init_lm_head=True, init_norm=True, init_copy_head=True, init_copy_samples=8, init_copy_previous=0.5
-    )
+    hp = dict(ttt_length=2, init=[TargetHead(), TargetNorm(), CopyHead(samples=8, previous=0.5)])
     module = Eagle3Module(**hp)
     t = trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, default_root_dir=tmp_path)
     t.fit(module, datamodule=data)
@@ -301,6 +310,9 @@ def test_copy_head_is_planted_on_a_fresh_fit_only(target, tmp_path):
     assert not module.draft.midlayer.self_attn.k_proj.weight[:8, :H].abs().gt(1e-2).any()  # planted key: hidden half
     path = tmp_path / "copy.ckpt"
     t.save_checkpoint(path)
+    # The initialisers sit in the hyperparameters in plain form: the file loads with weights_only.
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["init"] == [x.spec() for x in hp["init"]]
+    assert Eagle3Module.load_from_checkpoint(path).initializers == hp["init"]
     trainer(max_steps=3, limit_val_batches=1, val_check_interval=1, default_root_dir=tmp_path).fit(
         Eagle3Module(**hp), datamodule=data, ckpt_path=path
     )
@@ -311,7 +323,7 @@ def test_current_token_head_is_planted_next_to_the_copy_head(target, tmp_path):
     model, context, batches = target
     data = SampledData(context, batches, model)
     both = Eagle3Module(
-        ttt_length=2, init_lm_head=True, init_norm=True, init_copy_head=True, init_copy_samples=16, init_self_head=True
+        ttt_length=2, init=[TargetHead(), TargetNorm(), CurrentTokenHead(samples=16), CopyHead(samples=16)]
     )
     trainer(max_steps=1, limit_val_batches=1, val_check_interval=1, default_root_dir=tmp_path).fit(both, datamodule=data)
     assert data.calls == 1  # both heads are fitted on one read of the samples
@@ -319,29 +331,29 @@ def test_current_token_head_is_planted_next_to_the_copy_head(target, tmp_path):
     head_dim = both.draft_config.head_dim
     assert not k[:head_dim, :H].abs().gt(1e-2).any()  # key/value head 0: the copy head keys on the hidden half
     assert not k[head_dim : 2 * head_dim, H:].abs().gt(1e-2).any()  # head 1: the current-token head, embedding half
-    alone = Eagle3Module(ttt_length=2, init_lm_head=True, init_norm=True, init_copy_samples=16, init_self_head=True)
+    alone = Eagle3Module(ttt_length=2, init=[TargetHead(), TargetNorm(), CurrentTokenHead(samples=16)])
     trainer(max_steps=1, limit_val_batches=1, val_check_interval=1, default_root_dir=tmp_path).fit(alone, datamodule=data)
     assert not alone.draft.midlayer.self_attn.k_proj.weight[:head_dim, H:].abs().gt(1e-2).any()  # alone: head 0
 
 
 def test_negative_previous_weight_is_refused_before_any_work():
-    with pytest.raises(ValueError, match="init_copy_previous must be >= 0"):
-        Eagle3Module(init_copy_head=True, init_copy_previous=-0.5)
+    with pytest.raises(ValueError, match="CopyHead previous must be >= 0"):
+        Eagle3Module(init=[CopyHead(previous=-0.5)])
 
 
 def test_copy_head_needs_samples_before_training(target):
     _, context, batches = target
-    module = Eagle3Module(init_copy_head=True)
-    with pytest.raises(ValueError, match="init_copy_head needs training samples"):
+    module = Eagle3Module(init=[CopyHead()])
+    with pytest.raises(ValueError, match="CopyHead needs training samples"):
         trainer(max_steps=1).fit(module, datamodule=ListData(context, batches))
-    module = Eagle3Module(init_self_head=True)
-    with pytest.raises(ValueError, match="init_self_head needs training samples"):
+    module = Eagle3Module(init=[CurrentTokenHead()])
+    with pytest.raises(ValueError, match="CurrentTokenHead needs training samples"):
         trainer(max_steps=1).fit(module, datamodule=ListData(context, batches))
 
 
 def test_both_planted_heads_need_two_key_value_heads(target):
     model, context, batches = target
-    module = Eagle3Module(init_lm_head=True, init_norm=True, init_copy_head=True, init_self_head=True)
+    module = Eagle3Module(init=[TargetHead(), TargetNorm(), CurrentTokenHead(), CopyHead()])
     module.build(context)
     module.draft_config = dataclasses.replace(module.draft_config, num_key_value_heads=1, num_attention_heads=4)
     with pytest.raises(ValueError, match="each need their own key/value head; this draft has 1"):
@@ -369,3 +381,63 @@ def test_ttt_full_every_unrolls_the_last_step_on_every_nth_optimizer_step(target
     assert "val/acc_2" in t.callback_metrics
     with pytest.raises(ValueError, match="ttt_full_every"):
         Eagle3Module(ttt_length=3, ttt_full_every=0)
+
+
+def test_kv_heads_go_to_explicit_claims_then_copy_heads_then_list_order():
+    # The recipe's order: the current-token head is planted first, but the copy head keeps head 0.
+    assert assign_kv_heads([TargetHead(), TargetNorm(), CurrentTokenHead(), CopyHead()], 2) == [None, None, 1, 0]
+    assert assign_kv_heads([CopyHead()], 2) == [0] and assign_kv_heads([CurrentTokenHead()], 2) == [0]
+    assert assign_kv_heads([CurrentTokenHead(kv_head=0), CopyHead()], 2) == [0, 1]
+    assert assign_kv_heads([CopyHead(), CopyHead()], 3) == [0, 1]
+    assert assign_kv_heads([CurrentTokenHead(), CopyHead(kv_head=2), CopyHead()], 3) == [1, 2, 0]
+    assert assign_kv_heads([TargetHead(), TargetFC()], 1) == [None, None]
+
+
+def test_conflicting_or_impossible_kv_heads_are_refused(target):
+    claim = r"init\[0\] \(CurrentTokenHead\) and \[1\] \(CopyHead\) both claim key/value head 1"
+    with pytest.raises(ValueError, match=claim):
+        assign_kv_heads([CurrentTokenHead(kv_head=1), CopyHead(kv_head=1)], 2)
+    with pytest.raises(ValueError, match="CopyHead kv_head 2 is outside the draft's 2 key/value heads"):
+        assign_kv_heads([CopyHead(kv_head=2)], 2)
+    with pytest.raises(ValueError, match="each need their own key/value head; this draft has 2"):
+        assign_kv_heads([CopyHead(), CopyHead(kv_head=1), CurrentTokenHead()], 2)
+    with pytest.raises(ValueError, match="kv_head must be >= 0"):
+        CopyHead(kv_head=-1)
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        CurrentTokenHead(samples=0)
+    # Refused before any sample is read.
+    model, context, batches = target
+    module = Eagle3Module(init=[CurrentTokenHead(kv_head=0), CopyHead(kv_head=0)])
+    module.build(context)
+    data = SampledData(context, batches, model)
+    with pytest.raises(ValueError, match="both claim key/value head 0"):
+        module.plant_heads(data)
+    assert data.calls == 0
+
+
+def test_recipe_yaml_parses_into_its_four_initialisers():
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from tests.golden.runner import ROOT
+
+    recipe = yaml.safe_load((ROOT / "configs/eagle3.yaml").read_text())
+    parser = ArgumentParser()
+    parser.add_argument("--model", type=L.LightningModule)
+    module = parser.instantiate_classes(parser.parse_object({"model": recipe["model"]})).model
+    assert isinstance(module, Eagle3Module) and module.hparams.ttt_length == 2
+    assert module.initializers == [TargetHead(), TargetNorm(), CurrentTokenHead(strength=8.0), CopyHead(previous=0.5)]
+    assert module.initializers[2].samples == module.initializers[3].samples == 128
+    assert module.initializers[3].spec() == {
+        "class_path": "specforge_lightning.algorithms.eagle3.init.CopyHead",
+        "init_args": {"samples": 128, "strength": 2.0, "sharpness": 3.0, "previous": 0.5, "kv_head": None},
+    }
+
+
+def test_plain_initialiser_specs_round_trip_and_unknown_ones_are_named():
+    inits = [TargetMidlayer(layer=1, emb_half_scale=0.1), TargetFC(chunk=0), CopyHead(samples=4)]
+    assert [Eagle3Initializer.from_spec(x.spec()) for x in inits] == inits
+    assert Eagle3Initializer.from_spec({"class_path": "TargetNorm"}) == TargetNorm()
+    assert repr(inits[1]) == "TargetFC(chunk=0)"
+    with pytest.raises(ValueError, match="model.init_args.init: unknown initialiser 'os.system'"):
+        Eagle3Initializer.from_spec({"class_path": "os.system", "init_args": {}})

@@ -16,7 +16,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from specforge_lightning.callbacks import ResumeMismatchError
-from specforge_lightning.data.datamodule import FeatureDataModule
+from specforge_lightning.datamodules import FeatureDataModule
 from tests.integration.scripts.common import prepare_config, read_rows
 
 MODEL = "specforge_lightning.algorithms.eagle3.module.Eagle3Module"
@@ -45,7 +45,7 @@ def write_config(tmp_path: Path, features: Path, max_steps: int) -> Path:
             ],
         },
         "model": {"class_path": MODEL, "init_args": {"ttt_length": 3}},
-        "data": {"class_path": "specforge_lightning.data.datamodule.FeatureDataModule",
+        "data": {"class_path": "specforge_lightning.datamodules.FeatureDataModule",
                  "init_args": {"batch_size": 2, "auto_prepare": False, "prepare": prepare}},
     }
     path = tmp_path / f"config-{max_steps}.yaml"

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
 from specforge_lightning import cli
 from specforge_lightning.algorithms.dflash import DFlashModule
@@ -17,6 +15,7 @@ from specforge_lightning.algorithms.dflash.drafter import BLOCK_DRAFTING, BLOCK_
 from specforge_lightning.algorithms.domino import DominoModule
 from specforge_lightning.contracts import FeatureContext
 from specforge_lightning.target.zoo import TINY_LLAMA, resolve_target
+from tests.export.test_export import save_fitted
 
 LAYER_IDS = (1, 3, 5)  # spread:3 on the 8-layer tiny-llama
 V, H = 512, 64
@@ -39,14 +38,7 @@ def make_block_checkpoint(root: Path, cls: type[DFlashModule]) -> Path:
         "loss_mask": torch.ones(2, 16, dtype=torch.long),
         "aux_hidden_states": torch.randn(2, 16, len(LAYER_IDS) * H, generator=g),
     }
-    trainer = L.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(root),
-    )
-    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
-    path = root / "draft.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return save_fitted(module, batch, root)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from specforge_lightning.errors import UserError
+
 from specforge_lightning import cli
-from specforge_lightning.evaluation.command import first_user_turn, held_out_skip, read_prompt_file
+from specforge_lightning.evaluation.prompts import first_user_turn, held_out_skip, read_prompt_file
 from tests.export.test_export import make_checkpoint
 
 FIT_CONFIG = {
     "trainer": {"max_steps": 1},
     "model": {"class_path": "specforge_lightning.algorithms.eagle3.Eagle3Module", "init_args": {"ttt_length": 2}},
     "data": {
-        "class_path": "specforge_lightning.data.datamodule.FeatureDataModule",
+        "class_path": "specforge_lightning.datamodules.FeatureDataModule",
         "init_args": {
             "prepare": {"target": "tiny-llama", "corpus": "sharegpt", "num_samples": 24, "num_val_samples": 4,
                         "skip_samples": 2, "max_length": 64, "draft_vocab_size": 128},
@@ -31,6 +33,7 @@ KEYS = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path]:
+    from specforge_lightning.algorithms.registry import strategy_spec
     from specforge_lightning.target.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -38,7 +41,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     fit = json.loads(json.dumps(FIT_CONFIG))
     prep = fit["data"]["init_args"]["prepare"]
     prep.update(output_dir=str(root / "feats"), capture_dtype="float32", compute_dtype="float32")
-    prepare(PrepareConfig(**prep), progress=False)  # held-out prompts start where this stopped reading
+    prepare(PrepareConfig(**prep), strategy_spec("eagle3"), progress=False)  # held-out prompts start where this stopped reading
     config = root / "fit.yaml"
     config.write_text(yaml.safe_dump(fit))
     return ckpt, config
@@ -103,14 +106,14 @@ def test_evaluate_refuses_a_foreign_checkpoint(setup, tmp_path):
 
 def test_held_out_prompts_start_where_prepare_stopped_reading(setup, tmp_path):
     """Held-out prompts never come from a conversation prepare read, used or dropped."""
-    from specforge_lightning.target.prepare import read_manifest
+    from specforge_lightning.data.manifest import read_manifest
 
     prep = _prep_of(setup)
     manifest = read_manifest(prep["output_dir"])
     skip = held_out_skip(prep)
     assert skip == manifest["corpus_end"]
     assert skip >= prep.get("skip_samples", 0) + prep["num_samples"] + prep["num_val_samples"]
-    with pytest.raises(SystemExit, match="corpus_end"):
+    with pytest.raises(UserError, match="corpus_end"):
         held_out_skip({**prep, "output_dir": str(tmp_path / "nothing")})
 
 

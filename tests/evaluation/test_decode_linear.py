@@ -10,7 +10,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specforge_lightning.evaluation.decode_linear import MAX_FEW_ROWS, DecodeLinear, use_decode_linears
-from specforge_lightning.evaluation.speculative import Eagle3Drafter, TargetRunner, greedy_generate, speculative_generate
+from specforge_lightning.algorithms.eagle3.drafter import Eagle3Drafter
+from specforge_lightning.evaluation.speculative import TargetRunner, greedy_generate, speculative_generate
 from tests.evaluation.test_speculative import LAYERS, eval_prompts, tiny_draft, tiny_target
 
 

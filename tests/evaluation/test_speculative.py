@@ -9,14 +9,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft
+from specforge_lightning.algorithms.eagle3.drafter import Eagle3Drafter
 from specforge_lightning.evaluation.speculative import (
-    Eagle3Drafter,
     TargetRunner,
     greedy_generate,
     per_position_acceptance,
     run_speculative_eval,
     speculative_generate,
-    teacher_forced_counts,
 )
 
 LAYERS = (1, 2, 3)
@@ -49,15 +48,20 @@ def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def train_draft(draft: Eagle3Draft, target: LlamaForCausalLM, prompts: Sequence[Sequence[int]], steps: int) -> None:
-    """Fit the draft to the target's greedy continuations of ``prompts`` (TTT, 3 steps, cross-entropy)."""
+def greedy_corpus(target: LlamaForCausalLM, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts`` plus the target's 24 greedy tokens each (B, L) and their aux states: a draft's training set."""
     runner = TargetRunner(target, LAYERS)
     seqs = [list(p) + greedy_generate(TargetRunner(target), p, 24, set()) for p in prompts]
     auxes = []
     for s in seqs:
         runner.reset()
         auxes.append(runner.forward(s, keep_logits=1)[1])
-    x, aux = torch.tensor(seqs), torch.stack(auxes)
+    return torch.tensor(seqs), torch.stack(auxes)
+
+
+def train_draft(draft: Eagle3Draft, target: LlamaForCausalLM, prompts: Sequence[Sequence[int]], steps: int) -> None:
+    """Fit the draft to the target's greedy continuations of ``prompts`` (TTT, 3 steps, cross-entropy)."""
+    x, aux = greedy_corpus(target, prompts)
     opt = torch.optim.Adam(draft.parameters(), lr=1e-2)
     draft.train()
     for _ in range(steps):
@@ -178,13 +182,13 @@ def test_teacher_forced_accuracy_and_full_eval(target, trained):
     prompts = eval_prompts()
     hooked = TargetRunner(target, LAYERS)
     ref = greedy_generate(TargetRunner(target), prompts[0], 20, set())
-    correct, total = teacher_forced_counts(hooked, trained, prompts[0], ref, 3)
+    correct, total = Eagle3Drafter(trained).teacher_forced_counts(hooked, prompts[0], ref, 3)
     assert total == [19, 19, 19]  # every step predicts new tokens 2..20 (from slots j places apart)
     assert correct[0] >= 0.8 * total[0]  # a prompt it was trained on
-    rnd = teacher_forced_counts(hooked, tiny_draft(target, seed=7), prompts[0], ref, 3)[0]
+    rnd = Eagle3Drafter(tiny_draft(target, seed=7)).teacher_forced_counts(hooked, prompts[0], ref, 3)[0]
     assert sum(rnd) < sum(correct)
 
-    res = run_speculative_eval(target, trained, prompts, num_draft_tokens=3, max_new_tokens=20, eos_ids=set())
+    res = run_speculative_eval(target, Eagle3Drafter(trained), prompts, num_draft_tokens=3, max_new_tokens=20, eos_ids=set())
     assert res["identical_outputs"] == len(prompts) == res["num_prompts"]
     assert res["new_tokens"] == 20 * len(prompts)
     assert res["acceptance_length"] == pytest.approx((res["new_tokens"] - len(prompts)) / res["verify_steps"])

@@ -17,8 +17,9 @@ from specforge_lightning.algorithms.eagle3 import Eagle3Module
 from specforge_lightning.algorithms.eagle3.model import Eagle3Cache
 from specforge_lightning.contracts import FeatureContext
 from specforge_lightning.data.vocab import build_vocab_mapping, save_vocab_mapping
-from specforge_lightning.export.loading import DraftLoadError, load_checkpoint, load_draft, load_exported
-from specforge_lightning.export.sglang import REQUIRED_TENSORS
+from specforge_lightning.algorithms.base import DraftLoadError, LoadOptions
+from specforge_lightning.algorithms.eagle3.export import REQUIRED_TENSORS
+from specforge_lightning.export import drafts
 from specforge_lightning.target.zoo import TINY_LLAMA, resolve_target
 
 AUX = (1, 3, 4)  # eagle3_layer_ids(8) for the 8-layer tiny-llama
@@ -44,6 +45,11 @@ def make_checkpoint(root: Path) -> tuple[Path, FeatureContext]:
         "aux_hidden_states": torch.randn(2, 16, 3 * H, generator=g),
         "last_hidden_state": torch.randn(2, 16, H, generator=g),
     }
+    return save_fitted(module, batch, root), context
+
+
+def save_fitted(module: L.LightningModule, batch: dict[str, torch.Tensor], root: Path) -> Path:
+    """``root/draft.ckpt``: ``module`` fitted one step on ``batch`` by a real CPU Trainer, as ``fit`` saves it."""
     trainer = L.Trainer(
         max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(root),
@@ -51,13 +57,21 @@ def make_checkpoint(root: Path) -> tuple[Path, FeatureContext]:
     trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
     path = root / "draft.ckpt"
     trainer.save_checkpoint(path)
-    return path, context
+    return path
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> tuple[Path, FeatureContext]:
     return make_checkpoint(tmp_path_factory.mktemp("eagle3_ckpt"))
 
+
+
+def load_draft(path, target_dir=None, trusted=False):
+    """The generic reader ``evaluate``/``export`` use (any registered algorithm)."""
+    return drafts.load_draft(path, LoadOptions(target_dir=target_dir, trusted=trusted))[1]
+
+
+load_checkpoint = load_exported = load_draft
 
 def draft_outputs(draft) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
@@ -76,7 +90,7 @@ def test_checkpoint_loads_like_the_module(ckpt):
     for name, t in loaded.draft.state_dict().items():
         assert torch.equal(t, ref[name]), name
     assert torch.equal(loaded.draft.embed_tokens.weight, module.draft.embed_tokens.weight.float())
-    assert loaded.config.aux_layer_ids == AUX and loaded.context["target_id"] == TINY_LLAMA
+    assert loaded.layer_ids == AUX and loaded.context["target_id"] == TINY_LLAMA
     assert loaded.context["manifest"] == {"corpus": "sharegpt", "num_samples": 24}
     assert not torch.equal(loaded.draft.d2t, torch.zeros_like(loaded.draft.d2t))  # the real mapping came back
 
@@ -128,7 +142,7 @@ def test_hf_export_reloads_bit_identical(ckpt, tmp_path):
     cli.main(["export", "--ckpt_path", str(path), "--format", "hf", "--output_dir", str(out)])
     original = load_checkpoint(path)
     reloaded = load_draft(out, target_dir=None)  # self-contained: no target needed
-    assert reloaded.kind == "hf" and reloaded.has_embedding and reloaded.config == original.config
+    assert reloaded.kind == "hf" and reloaded.has_embedding and reloaded.draft.config == original.draft.config
     a, b = original.draft.export_state_dict(), reloaded.draft.export_state_dict()
     assert set(a) == set(b) and "embed_tokens.weight" in b
     for name in a:
@@ -149,7 +163,7 @@ def test_foreign_and_corrupt_checkpoints_name_the_file(ckpt, tmp_path):
     weights = tmp_path / "weights.ckpt"  # a safetensors file under a checkpoint name
     save_file({"x": torch.zeros(2)}, str(weights))
     missing = tmp_path / "nope.ckpt"
-    for bad, words in [(garbage, "not a readable"), (other, "not an EAGLE3 checkpoint"), (weights, "not a readable"),
+    for bad, words in [(garbage, "cannot be read"), (other, "cannot rebuild the dflash draft"), (weights, "cannot be read"),
                        (missing, "no such")]:
         with pytest.raises(DraftLoadError, match=words) as err:
             load_draft(bad)
@@ -172,7 +186,7 @@ def test_mismatched_weights_and_bad_folder_are_refused(ckpt, tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(DraftLoadError, match="neither") as err:
+    with pytest.raises(DraftLoadError, match="no export of a registered algorithm") as err:
         load_draft(folder)
     assert str(folder) in str(err.value)
 

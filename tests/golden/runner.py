@@ -22,6 +22,20 @@ import torch
 
 GOLDEN = Path(__file__).with_name("losses.json")
 STEPS = 8
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def recipe_init(config: str, samples: int) -> str:
+    """The recipe's ``model.init_args.init`` with every sample-fitted head reading ``samples`` samples."""
+    import yaml
+
+    items = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]["init"]
+    heads = ("CurrentTokenHead", "CopyHead")
+    for item in items:
+        if item["class_path"].rsplit(".", 1)[-1] in heads:
+            item["init_args"] = {**(item.get("init_args") or {}), "samples": samples}
+    return "--model.init_args.init=" + json.dumps(items)
+
 
 # name -> (config, extra CLI overrides)
 CASES: dict[str, tuple[str, list[str]]] = {
@@ -45,7 +59,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
             "--data.init_args.prepare.compute_dtype=float32",
             "--data.init_args.prepare.draft_vocab_size=512",
             "--model.init_args.anneal_by_time=false",
-            "--model.init_args.init_copy_samples=40",
+            recipe_init("configs/eagle3.yaml", samples=40),
         ],
     ),
 }
@@ -72,7 +86,7 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def run_case(name: str, workdir: Path) -> dict[str, Any]:
-    from specforge_lightning.cli import _cli_class
+    from specforge_lightning.cli import build_cli
 
     config, extra = CASES[name]
     torch.set_num_threads(1)
@@ -93,16 +107,7 @@ def run_case(name: str, workdir: Path) -> dict[str, Any]:
     import sys as _sys
 
     _sys.argv = _sys.argv[:1]
-    cli = _cli_class()(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        seed_everything_default=0,
-        run=False,
-    )
+    cli = build_cli(args, run=False)
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return {"losses": recorder.losses, "weights": weights_digest(cli.model)}
@@ -113,7 +118,7 @@ def run_case_fresh(name: str, workdir: Path) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.golden.runner", "case", name, str(workdir)],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=600,
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"golden case {name} failed:\n{proc.stderr[-4000:]}")

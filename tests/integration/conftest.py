@@ -26,6 +26,7 @@ def tiny_prepare(output_dir: str | Path = "unused", **kw) -> PrepareConfig:
     base = dict(
         output_dir=str(output_dir), target="tiny-llama", num_samples=12, num_val_samples=0, max_length=40,
         draft_vocab_size=64, batch_size=4, shard_size=4, capture_dtype="float32", compute_dtype="float32",
+        layer_preset="eagle3",
     )
     return PrepareConfig(**{**base, **kw})
 
@@ -95,7 +96,7 @@ def offline_features(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def offline_run(offline_features):
-    from specforge_lightning.data.datamodule import FeatureDataModule
+    from specforge_lightning.datamodules import FeatureDataModule
 
     return fit(FeatureDataModule(prepare=offline_features, batch_size=2, shuffle=False, prefetch=0))
 

@@ -18,8 +18,8 @@ import uuid
 import pytest
 import torch
 
-from specforge_lightning.data.online import StoreSpec
-from specforge_lightning.data.stream_datamodule import StreamDataModule
+from specforge_lightning.data.stores.spec import StoreSpec
+from specforge_lightning.datamodules import StreamDataModule
 from specforge_lightning.target.producer import ProducerConfig, run_producer
 from tests.integration.conftest import REPO, assert_same_weights, child_env, fit, free_port, prepare_dict
 
@@ -96,7 +96,7 @@ def test_disaggregated_mooncake_equals_offline(offline_features, offline_run, tm
     finally:
         thread.join(60)
     assert not thread.is_alive(), "the producer did not see the stream drain"
-    from specforge_lightning.data.datamodule import FeatureDataModule
+    from specforge_lightning.datamodules import FeatureDataModule
 
     reference = fit(FeatureDataModule(prepare=cfg, batch_size=2, shuffle=False, prefetch=0), steps=6)
     _assert_same_run(run, reference)
@@ -109,9 +109,8 @@ DDP_SCRIPT = textwrap.dedent(
     import torch, lightning as L, torch.distributed as dist
     torch.set_num_threads(1)
     from specforge_lightning.algorithms.eagle3 import Eagle3Module
-    from specforge_lightning.data.datamodule import FeatureDataModule
-    from specforge_lightning.data.online import StoreSpec
-    from specforge_lightning.data.stream_datamodule import StreamDataModule
+    from specforge_lightning.data.stores.spec import StoreSpec
+    from specforge_lightning.datamodules import FeatureDataModule, StreamDataModule
     from specforge_lightning.target.prepare import PrepareConfig
 
     args = json.loads(sys.argv[1])

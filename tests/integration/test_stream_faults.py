@@ -16,12 +16,15 @@ import lightning as L
 import pytest
 import torch
 
+from specforge_lightning.contracts import StrategySpec
 from specforge_lightning.control.producer import PROGRESS, ProducerProgress, read_stream_manifest, stream_file
 from specforge_lightning.control.sqlite_ledger import SqliteLedger
+from specforge_lightning.data.ledger_stream import RankedLedgerStream
 from specforge_lightning.data.loader import FeatureDataLoader
-from specforge_lightning.data.online import RankedLedgerStream, RefCheck, StoreSpec, StreamSchemaError, build_store
+from specforge_lightning.data.manifest import RefCheck, StreamSchemaError
 from specforge_lightning.data.stores.base import FeatureStoreError
-from specforge_lightning.data.stream_datamodule import StreamDataModule
+from specforge_lightning.data.stores.spec import StoreSpec, build_store
+from specforge_lightning.datamodules import StreamDataModule
 from specforge_lightning.target.producer import ProducerConfig, run_producer
 from tests.integration.conftest import prepare_dict, run_script, tiny_prepare
 
@@ -79,8 +82,8 @@ def published_ids(cfg: ProducerConfig) -> list[str]:
 KILLED_PRODUCER = textwrap.dedent(
     """
     import json, os, signal, sys
-    from specforge_lightning.data import shards
-    from specforge_lightning.data.online import StoreSpec
+    from specforge_lightning.data.stores import shards
+    from specforge_lightning.data.stores.spec import StoreSpec
     from specforge_lightning.target.prepare import PrepareConfig
     from specforge_lightning.target.producer import ProducerConfig, run_producer
 
@@ -155,12 +158,16 @@ KILLED_TRAINER = textwrap.dedent(
     import json, os, signal, sys
     import torch, lightning as L
     torch.set_num_threads(1)
-    from specforge_lightning.data.online import StoreSpec
-    from specforge_lightning.data.stream_datamodule import StreamDataModule
+    from specforge_lightning.contracts import StrategySpec
+    from specforge_lightning.data.stores.spec import StoreSpec
+    from specforge_lightning.datamodules import StreamDataModule
 
     args = json.loads(sys.argv[1])
+    FEATURES = ("input_ids", "loss_mask", "aux_hidden_states", "last_hidden_state")
 
     class Tiny(L.LightningModule):
+        strategy_spec = StrategySpec(name="", features=FEATURES, optional_features=("target_top1",))
+
         def __init__(self):
             super().__init__()
             self.head = torch.nn.Linear(args["hidden"], 1)
@@ -183,6 +190,12 @@ KILLED_TRAINER = textwrap.dedent(
 
 
 class Tiny(L.LightningModule):
+    # Every feature but the optional top-1 is required, as for a stream without an algorithm's spec.
+    strategy_spec = StrategySpec(
+        name="", features=("input_ids", "loss_mask", "aux_hidden_states", "last_hidden_state"),
+        optional_features=("target_top1",),
+    )
+
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.head = torch.nn.Linear(hidden, 1)

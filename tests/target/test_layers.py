@@ -18,3 +18,15 @@ def test_explicit_ids_win_and_are_checked():
         resolve_layer_ids("eagle3", 8, [8])
     with pytest.raises(ValueError, match="unknown layer preset"):
         resolve_layer_ids("nope", 8)
+
+
+def test_planned_layers_come_from_the_config_else_the_algorithms_preset():
+    from specforge_lightning.contracts import StrategySpec
+    from specforge_lightning.target.layers import planned_layer_ids
+
+    spec = StrategySpec(name="s", features=(), layer_preset="spread:3")
+    assert planned_layer_ids(30, None, None, spec) == spread_layer_ids(30, 3)
+    assert planned_layer_ids(30, "eagle3", None, spec) == eagle3_layer_ids(30)
+    assert planned_layer_ids(30, None, [2, 4], spec) == [2, 4]
+    with pytest.raises(ValueError, match="data.init_args.prepare.layer_preset"):
+        planned_layer_ids(30, None, None, None)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 
-from specforge_lightning.data.shards import ShardError, load_sample, read_shard_index
+from specforge_lightning.data.stores.shards import ShardError, load_sample, read_shard_index
 from specforge_lightning.data.vocab import load_vocab_mapping
 from specforge_lightning.target.prepare import PrepareConfig, prepare
 
@@ -14,7 +14,7 @@ def _cfg(tmp_path, **kw) -> PrepareConfig:
     base = dict(
         output_dir=str(tmp_path / "feats"), target="tiny-llama", num_samples=10, num_val_samples=3,
         max_length=64, draft_vocab_size=128, batch_size=4, shard_size=4, capture_dtype="float32",
-        compute_dtype="float32",
+        compute_dtype="float32", layer_preset="eagle3",
     )
     base.update(kw)
     return PrepareConfig(**base)

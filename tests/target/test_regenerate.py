@@ -2,7 +2,7 @@
 
 import torch
 
-from specforge_lightning.data.shards import load_sample, read_shard_index
+from specforge_lightning.data.stores.shards import load_sample, read_shard_index
 from specforge_lightning.target.prepare import PrepareConfig, prepare
 from specforge_lightning.target.zoo import load_target, resolve_target
 
@@ -12,6 +12,7 @@ def test_regenerated_samples_are_the_targets_greedy_answers(tmp_path):
         output_dir=str(tmp_path / "feats"), target="tiny-llama", num_samples=4, num_val_samples=1,
         max_length=96, draft_vocab_size=64, batch_size=4, shard_size=8, capture_dtype="float32",
         compute_dtype="float32", regenerate=True, regenerate_max_new_tokens=12, regenerate_batch_size=3,
+        layer_preset="eagle3",
     )
     manifest = prepare(cfg, progress=False)
     assert manifest["regenerate"] and manifest["complete"]
@@ -80,7 +81,7 @@ def test_features_with_another_regenerate_samples_are_refused(tmp_path):
 
     import pytest
 
-    from specforge_lightning.data.datamodule import FeatureDataModule
+    from specforge_lightning.datamodules import FeatureDataModule
 
     manifest = {"complete": True, "target": "tiny-llama", "corpus": "sharegpt", "skip_samples": 0,
                 "num_samples": 4, "num_val_samples": 1, "max_length": 96, "max_messages": None,

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from specforge_lightning.algorithms.base import teacher_forced_aux
 from specforge_lightning.algorithms.dflash.model import DFlashDraft
 
 BLOCK_DRAFTING = "block (one draft forward proposes up to block_size-1 tokens, top-1), verify k+1 tokens per target forward"
@@ -107,15 +108,13 @@ class BlockDrafter:
         true aux states before its anchor (what the harness anchors on after a fully verified
         prefix); position j predicts ``x_{a+1+j}``, which must lie inside prompt + output.
         """
-        ids = list(prompt_ids) + list(output_ids)
-        P, L = len(prompt_ids), len(ids)
         kk = max(0, min(k, self.num_positions))
-        if L < P + 2 or kk == 0:
+        seq = teacher_forced_aux(runner, prompt_ids, output_ids) if kk > 0 else None
+        if seq is None:
             empty = torch.zeros(0, kk, dtype=torch.bool)
             return empty, empty
-        runner.reset()
-        _, aux = runner.forward(ids, keep_logits=1)
-        runner.reset()
+        ids, aux = seq
+        P, L = len(prompt_ids), len(ids)
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
         anchors = torch.arange(P, L - 1, device=self.device)
         keep = torch.ones(1, len(anchors), dtype=torch.bool, device=self.device)

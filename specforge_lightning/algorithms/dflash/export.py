@@ -1,4 +1,4 @@
-"""Self-contained HF-style folders for the DFlash family (DFlash, Domino): write and read back.
+"""The DFlash family's (DFlash, Domino) exports and loaders: self-contained HF-style folders and checkpoints.
 
 The folder holds ``config.json`` (the upstream-style keys: ``block_size``,
 ``num_target_layers``, ``layer_types``, ``dflash_config`` with the MASK id and
@@ -6,31 +6,29 @@ target layer ids, plus our own ``draft_config`` and a format marker) and
 ``model.safetensors`` with every draft tensor *and* the frozen target
 ``embed_tokens.weight`` / ``lm_head.weight``, so the draft reloads without the
 target folder. ``load_hf`` rebuilds the draft bit for bit.
+
+Each member of the family passes its own module, config and draft classes
+(:class:`BlockFamily`), so this base never names a subclass.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-from safetensors.torch import load_file, save_file
 
+from specforge_lightning.algorithms.base import Algorithm, DraftLoadError, Drafter, ExportFormat, LoadedDraft, LoadOptions
 from specforge_lightning.algorithms.dflash.model import DFlashConfig, DFlashDraft
+from specforge_lightning.algorithms.export_files import context_essentials, read_weights, write_folder
 
 FORMAT_PREFIX = "specforge_lightning."
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
 FROZEN = ("embed_tokens.weight", "lm_head.weight")
-
-
-def _draft_classes() -> dict[str, tuple[type[DFlashConfig], type[DFlashDraft]]]:
-    from specforge_lightning.algorithms.domino.model import DominoConfig, DominoDraft
-
-    return {"dflash": (DFlashConfig, DFlashDraft), "domino": (DominoConfig, DominoDraft)}
+HF_CONTEXT_KEYS = ("target_id", "layer_ids", "hidden_size", "vocab_size", "capture_dtype", "max_length")
 
 
 def export_hf(
@@ -48,37 +46,83 @@ def export_hf(
         format_version=FORMAT_VERSION,
         algorithm=algorithm,
         draft_config=draft.config.to_dict(),
-        feature_context=dict(context or {}),
+        feature_context={k: v for k, v in (context or {}).items() if k in HF_CONTEXT_KEYS},
         torch_dtype=str(tensors["fc.weight"].dtype).removeprefix("torch."),
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_FILE)
-    tmp = out / f".config.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / "config.json")
-    return out
+    return write_folder(out_dir, config, tensors)
 
 
-def load_hf(folder: str | Path) -> tuple[DFlashDraft, dict[str, Any]]:
-    """Rebuild a draft written by ``export_hf``; returns ``(draft in eval mode, config.json dict)``."""
+def load_hf(
+    folder: str | Path, cfg: Mapping[str, Any], algorithm: str, config_cls: type[DFlashConfig], draft_cls: type[DFlashDraft]
+) -> DFlashDraft:
+    """Rebuild a draft written by ``export_hf`` (in eval mode) from its folder and parsed ``config.json``."""
     folder = Path(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    algorithm = cfg.get("algorithm")
-    classes = _draft_classes()
-    if cfg.get("specforge_format") != FORMAT_PREFIX + str(algorithm) or algorithm not in classes:
-        raise ValueError(f"{folder}: not a DFlash-family export (format {cfg.get('specforge_format')!r})")
+    if cfg.get("specforge_format") != FORMAT_PREFIX + algorithm:
+        raise DraftLoadError(f"{folder}: not a {algorithm} export (format {cfg.get('specforge_format')!r})")
     if cfg.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder}: export format version {cfg.get('format_version')}, this code reads {FORMAT_VERSION}")
-    config_cls, draft_cls = classes[algorithm]
-    draft = draft_cls(config_cls.from_dict(cfg["draft_config"]))
-    tensors = load_file(str(folder / WEIGHTS_FILE))
-    frozen = {k: tensors.pop(k) for k in FROZEN}
-    draft.load_state_dict(tensors, strict=True, assign=True)
+        raise DraftLoadError(f"{folder}: export format version {cfg.get('format_version')}, this code reads {FORMAT_VERSION}")
+    try:
+        draft = draft_cls(config_cls.from_dict(cfg["draft_config"]))
+        tensors = read_weights(folder)
+        frozen = {k: tensors.pop(k) for k in FROZEN}
+        draft.load_state_dict(tensors, strict=True, assign=True)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise DraftLoadError(f"{folder}: cannot read the {algorithm} export ({e})") from e
     draft.set_target_weights(frozen["embed_tokens.weight"], frozen["lm_head.weight"])
-    return draft.eval().requires_grad_(False), cfg
+    return draft.eval().requires_grad_(False)
 
 
-__all__ = ["export_hf", "load_hf"]
+@dataclass(frozen=True)
+class BlockFamily:
+    """One member of the DFlash family: the classes its generic glue needs."""
+
+    name: str
+    module: type[L.LightningModule]
+    config_cls: type[DFlashConfig]
+    draft_cls: type[DFlashDraft]
+    drafter_cls: Callable[[DFlashDraft], Drafter]
+
+    def loaded(self, draft: DFlashDraft, source: str, kind: str, context: Mapping[str, Any]) -> LoadedDraft:
+        c = draft.config
+        return LoadedDraft(
+            algorithm=self.name, draft=draft, source=source, kind=kind, layer_ids=tuple(c.target_layer_ids),
+            target_hidden_size=c.hidden_size, vocab_size=c.vocab_size, draft_vocab_size=c.vocab_size,
+            context=dict(context), has_embedding=True,
+        )
+
+    def load_checkpoint(self, path: Path, ckpt: Mapping[str, Any], options: LoadOptions) -> LoadedDraft:
+        """The module rebuilds its draft (frozen target weights from the target folder recorded in the checkpoint)."""
+        try:
+            module = self.module.load_from_checkpoint(path, map_location="cpu", weights_only=not options.trusted)
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise DraftLoadError(f"{path}: cannot rebuild the {self.name} draft ({e})") from e
+        draft = module.draft.eval().requires_grad_(False)
+        return self.loaded(draft, str(path), "checkpoint", context_essentials(asdict(module.context)))
+
+    def owns_export(self, cfg: Mapping[str, Any]) -> bool:
+        return cfg.get("specforge_format") == FORMAT_PREFIX + self.name
+
+    def load_export(self, folder: Path, cfg: Mapping[str, Any], options: LoadOptions) -> LoadedDraft:
+        draft = load_hf(folder, cfg, self.name, self.config_cls, self.draft_cls)
+        return self.loaded(draft, str(folder), "hf", context_essentials(cfg.get("feature_context") or {}))
+
+    def write_hf(self, loaded: LoadedDraft, out_dir: Path, dtype: torch.dtype | None) -> Path:
+        return export_hf(loaded.draft, out_dir, self.name, loaded.context, dtype)
+
+    def make_drafter(self, loaded: LoadedDraft) -> Drafter:
+        return self.drafter_cls(loaded.draft)
+
+    def algorithm(self) -> Algorithm:
+        """This member's registry record."""
+        return Algorithm(
+            name=self.name,
+            module=self.module,
+            load_checkpoint=self.load_checkpoint,
+            owns_export=self.owns_export,
+            load_export=self.load_export,
+            exports={"hf": ExportFormat(write=self.write_hf, description="self-contained folder (frozen embedding and head)")},
+            make_drafter=self.make_drafter,
+        )
+
+
+__all__ = ["BlockFamily", "export_hf", "load_hf"]

@@ -26,15 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specforge_lightning.algorithms.common import (
-    DraftConfigDict,
-    RMSNorm,
-    SwiGLU,
-    apply_rope,
-    rope_cos_sin,
-    rope_inv_freq,
-    target_geometry,
-)
+from specforge_lightning.algorithms.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
+from specforge_lightning.algorithms.target_weights import DraftConfigDict, target_geometry
 
 QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen3_next")
 
@@ -328,12 +321,6 @@ class DFlashDraft(nn.Module):
         for layer in self.layers:
             h = layer(h, ctx, rope_blk, rope_ctx, ctx_allowed)
         return h
-
-    def make_drafter(self) -> Any:
-        """A ``BlockDrafter`` for ``evaluate``'s speculative decoding (one forward proposes a block)."""
-        from specforge_lightning.algorithms.dflash.drafter import BlockDrafter
-
-        return BlockDrafter(self)
 
     def export_state_dict(self, include_frozen: bool = True) -> dict[str, torch.Tensor]:
         """Trainable tensors plus (if asked) the frozen ``embed_tokens.weight`` and ``lm_head.weight``."""

@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 import torch
 from torchmetrics import Metric
 
-from specforge_lightning.algorithms.common import (
-    LazyDraftModule,
+from specforge_lightning.algorithms.draft_module import LazyDraftModule
+from specforge_lightning.algorithms.target_weights import (
     load_target_tensors,
     read_target_config,
     target_head_name,
@@ -129,7 +129,7 @@ class DFlashModule(LazyDraftModule):
         features=("input_ids", "loss_mask", "aux_hidden_states"),
         min_supervised_run=2,
         layer_preset="spread:5",
-        loss=dflash_loss,
+        resume_strict_hparams=("block_size", "loss_type", "loss_decay_gamma", "dpace_alpha"),
     )
     checkpoint_key: ClassVar[str] = CHECKPOINT_KEY
     label_shift: ClassVar[int] = 0
@@ -296,20 +296,3 @@ class DFlashModule(LazyDraftModule):
         self.log("val/acc", result["acc"].float(), sync_dist=True)
         for k, a in enumerate(result["acc_k"]):
             self.log(f"val/acc_{k}", a.float(), sync_dist=True)
-
-    def export_hf(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write a self-contained HF-style folder (frozen embedding and head included); see ``dflash.export``."""
-        from specforge_lightning.algorithms.dflash.export import export_hf
-
-        if self.draft is None:
-            raise RuntimeError(f"cannot export a {type(self).__name__} that was never built")
-        keep = ("target_id", "layer_ids", "hidden_size", "vocab_size", "capture_dtype", "max_length")
-        context = {k: v for k, v in self.context.to_dict().items() if k in keep}
-        return export_hf(self.draft, out_dir, self.checkpoint_key, context, dtype)
-
-    @staticmethod
-    def load_export(folder: str | Path) -> tuple[DFlashDraft, dict[str, Any]]:
-        """Read back a folder written by ``export_hf`` (self-contained); ``(draft, config.json dict)``."""
-        from specforge_lightning.algorithms.dflash.export import load_hf
-
-        return load_hf(folder)

@@ -62,12 +62,6 @@ class DominoDraft(DFlashDraft):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=c.initializer_range)
 
-    def make_drafter(self) -> Any:
-        """A ``DominoBlockDrafter``: one DFlash forward, then the GRU-corrected tokens one by one."""
-        from specforge_lightning.algorithms.domino.drafter import DominoBlockDrafter
-
-        return DominoBlockDrafter(self)
-
     def gru_states(self, prev_ids: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """GRU over the previous tokens' embeddings: (B, N, P) ids → states (B, N, P, G) and the last state.
 

@@ -37,7 +37,7 @@ class DominoModule(DFlashModule):
         features=("input_ids", "loss_mask", "aux_hidden_states"),
         min_supervised_run=2,
         layer_preset="spread:5",
-        loss=domino_loss,
+        resume_strict_hparams=("block_size", "loss_decay_gamma", "shift_label", "pure_draft_prefix_len"),
     )
     checkpoint_key: ClassVar[str] = "domino"
 

@@ -1,5 +1,9 @@
 """EAGLE3: a one-layer draft on the target's captured hidden states, trained with TTT."""
 
+from specforge_lightning.algorithms.base import Algorithm, ExportFormat, LoadedDraft
+from specforge_lightning.algorithms.eagle3 import loading
+from specforge_lightning.algorithms.eagle3.drafter import Eagle3Drafter
+from specforge_lightning.algorithms.eagle3.export import sglang_serve_hint, write_hf, write_sglang
 from specforge_lightning.algorithms.eagle3.loss import (
     Eagle3LossOutput,
     Eagle3Teacher,
@@ -10,10 +14,32 @@ from specforge_lightning.algorithms.eagle3.loss import (
 from specforge_lightning.algorithms.eagle3.model import Eagle3Cache, Eagle3Config, Eagle3Draft
 from specforge_lightning.algorithms.eagle3.module import Eagle3Module
 
+
+def _drafter(loaded: LoadedDraft) -> Eagle3Drafter:
+    return Eagle3Drafter(loaded.draft)
+
+
+ALGORITHM = Algorithm(
+    name="eagle3",
+    module=Eagle3Module,
+    load_checkpoint=loading.load_checkpoint,
+    owns_export=loading.owns_export,
+    load_export=loading.load_export,
+    exports={
+        "sglang": ExportFormat(
+            write=write_sglang, serve_hint=sglang_serve_hint, description="servable by SGLang, no embedding"
+        ),
+        "hf": ExportFormat(write=write_hf, needs_embedding=True, description="self-contained, reloads bit for bit"),
+    },
+    make_drafter=_drafter,
+)
+
 __all__ = [
+    "ALGORITHM",
     "Eagle3Cache",
     "Eagle3Config",
     "Eagle3Draft",
+    "Eagle3Drafter",
     "Eagle3LossOutput",
     "Eagle3Module",
     "Eagle3Teacher",

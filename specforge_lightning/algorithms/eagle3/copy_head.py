@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from specforge_lightning.algorithms.common import rope_inv_freq
+from specforge_lightning.algorithms.layers import rope_inv_freq
 from specforge_lightning.algorithms.eagle3.model import Eagle3Draft
 
 

@@ -13,11 +13,14 @@ Two ways to run it:
 * ``draft_step`` — inference, with an ``Eagle3Cache``. A chain step at the
   position after the prefix attends to the prefix keys and the earlier chain
   steps, which is exactly the TTT attention pattern above.
+
+Both attention patterns live in ``attention.py``; the initialisers that start a fresh
+draft from target weights or fitted heads in ``init.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,15 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specforge_lightning.algorithms.common import (
-    DraftConfigDict,
-    RMSNorm,
-    SwiGLU,
-    apply_rope,
-    rope_cos_sin,
-    rope_inv_freq,
-    target_geometry,
+from specforge_lightning.algorithms.eagle3.attention import (
+    Attend,
+    Eagle3Attention,
+    Eagle3Cache,
+    RowSubset,
+    TTTAttend,
+    softmax_attend,
 )
+from specforge_lightning.algorithms.layers import RMSNorm, SwiGLU, rope_cos_sin, rope_inv_freq
+from specforge_lightning.algorithms.target_weights import DraftConfigDict, target_geometry
 
 
 @dataclass
@@ -101,141 +105,12 @@ class Eagle3Config(DraftConfigDict):
         return out
 
 
-# --------------------------------------------------------------------------- attention
-
-
-def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    allowed: torch.Tensor,
-    k_diag: torch.Tensor | None = None,
-    v_diag: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Exact softmax attention over shared keys plus per-query "diagonal" keys.
-
-    q: (B, kv, g, T, d) (GQA: g query heads per kv head); k, v: (B, kv, L, d);
-    allowed: (B, T, L) bool; k_diag, v_diag: (B, kv, T, n, d) — n extra keys that
-    only the query in the same row sees. One softmax (fp32) covers both sets.
-    """
-    scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)).float() * scale  # (B, kv, g, T, L)
-    scores = scores.masked_fill(~allowed[:, None, None], torch.finfo(torch.float32).min)
-    if k_diag is not None:
-        diag = torch.einsum("bhgtd,bhtnd->bhgtn", q, k_diag).float() * scale
-        scores = torch.cat([scores, diag], dim=-1)
-    probs = scores.softmax(dim=-1).to(q.dtype)
-    L = k.shape[-2]
-    out = torch.matmul(probs[..., :L], v.unsqueeze(2))
-    if v_diag is not None:
-        out = out + torch.einsum("bhgtn,bhtnd->bhgtd", probs[..., L:], v_diag)
-    return out
-
-
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class _TTTAttend:
-    """Attention state of one TTT unroll: step-0 keys (causal) and the later steps' diagonal keys."""
-
-    def __init__(self, allowed: torch.Tensor) -> None:
-        self.allowed = allowed
-        self.k0: torch.Tensor | None = None
-        self.v0: torch.Tensor | None = None
-        self.k_diag: list[torch.Tensor] = []
-        self.v_diag: list[torch.Tensor] = []
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.k0 is None:
-            self.k0, self.v0 = k, v
-            return _attend(q, k, v, self.allowed)
-        self.k_diag.append(k)
-        self.v_diag.append(v)
-        return _attend(
-            q, self.k0, self.v0, self.allowed, torch.stack(self.k_diag, dim=3), torch.stack(self.v_diag, dim=3)
-        )
-
-
-class _RowSubset:
-    """The same few positions of every sample, gathered into a (B, T') layout and scattered back.
-
-    Rows are right-padded to the longest selection with position 0; padded rows
-    compute garbage that ``put`` never writes back.
-    """
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        B, S = mask.shape
-        counts = mask.sum(1)
-        width = max(1, int(counts.max()))
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # selected positions first, in order
-        self.index = order[:, :width]  # (B, T')
-        self.valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
-        self.flat = (self.index + S * torch.arange(B, device=mask.device)[:, None])[self.valid]
-
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows of ``x`` (B, S, ...) at the selected positions: (B, T', ...)."""
-        idx = self.index.view(*self.index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-        return torch.gather(x, 1, idx)
-
-    def put(self, x: torch.Tensor, S: int) -> torch.Tensor:
-        """Scatter (B, T', H) rows back into a zero (B, S, H) tensor."""
-        B, _, H = x.shape
-        out = x.new_zeros(B * S, H)
-        return out.index_copy(0, self.flat, x[self.valid]).view(B, S, H)
-
-
-@dataclass
-class Eagle3Cache:
-    """KV cache of the draft's single layer: keys (RoPE applied) and values, (B, kv, length, d)."""
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[-2]
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
-        return self.k, self.v
-
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` positions (drop rejected draft tokens)."""
-        if self.k is not None:
-            self.k, self.v = self.k[..., :length, :], self.v[..., :length, :]
-
-
-class Eagle3Attention(nn.Module):
-    """GQA attention whose q/k/v read the 2H concat ``[emb; hidden]``; o_proj writes H."""
-
-    def __init__(self, c: Eagle3Config) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(2 * c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(2 * c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(2 * c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
-        B, T, _ = x.shape
-        g = self.n_heads // self.n_kv
-        q = self.q_proj(x).view(B, T, self.n_kv, g, self.head_dim).permute(0, 2, 3, 1, 4)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q is bf16 while cos is fp32
-        q = apply_rope(q, cos[:, None, None], sin[:, None, None])
-        k = apply_rope(k, cos[:, None], sin[:, None])
-        out = attend(q, k, v)  # (B, kv, g, T, d)
-        return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.n_heads * self.head_dim))
-
-
 class Eagle3DecoderLayer(nn.Module):
     """The EAGLE3 midlayer: attention over ``[input_layernorm(emb); hidden_norm(hidden)]``, then a SwiGLU MLP."""
 
     def __init__(self, c: Eagle3Config) -> None:
         super().__init__()
-        self.self_attn = Eagle3Attention(c)
+        self.self_attn = Eagle3Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -358,7 +233,7 @@ class Eagle3Draft(nn.Module):
             position_ids = torch.arange(S, device=device).expand(B, S)
         causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
         allowed = causal[None] & attention_mask.bool()[:, None, :]
-        attend = _TTTAttend(allowed)
+        attend = TTTAttend(allowed)
         hidden = self.project_aux(aux_hidden)
         emb = self._embed(shift_left(input_ids, 1))
         cos, sin = self._rope(position_ids, hidden.dtype)
@@ -366,7 +241,7 @@ class Eagle3Draft(nn.Module):
         outputs = [(self.compute_logits(hidden) if with_logits else None, hidden)]
         if length == 1:
             return outputs
-        rows = _RowSubset(later_rows) if later_rows is not None else None
+        rows = RowSubset(later_rows) if later_rows is not None else None
         if rows is not None:
             hidden, position_ids = rows.take(hidden), rows.take(position_ids)
             attend.allowed = rows.take(allowed)
@@ -422,7 +297,7 @@ class Eagle3Draft(nn.Module):
             keys, values = cache.append(k, v)
             rows = start + torch.arange(T, device=q.device)
             allowed = torch.arange(keys.shape[-2], device=q.device)[None, :] <= rows[:, None]
-            return _attend(q, keys, values, allowed.expand(q.shape[0], T, -1))
+            return softmax_attend(q, keys, values, allowed.expand(q.shape[0], T, -1))
 
         cos, sin = self._rope(position_ids, hidden.dtype)
         out = self.midlayer(self._embed(input_ids), hidden, cos, sin, attend)
@@ -513,18 +388,9 @@ class Eagle3Draft(nn.Module):
         return done
 
 
-def target_keys_for_init(target_config: Mapping[str, Any], layer: int = -1) -> list[str]:
-    """HF names ``init_from_target`` may read (so a loader can fetch only these)."""
-    p = f"model.layers.{layer % int(target_config['num_hidden_layers'])}."
-    parts = [f"self_attn.{n}_proj.weight" for n in "qkvo"] + [f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
-    parts += ["input_layernorm.weight", "post_attention_layernorm.weight"]
-    return ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] + [p + s for s in parts]
-
-
 __all__ = [
     "Eagle3Cache",
     "Eagle3Config",
     "Eagle3Draft",
     "shift_left",
-    "target_keys_for_init",
 ]

@@ -10,20 +10,20 @@ and never stored in checkpoints).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 
-from specforge_lightning.algorithms.common import (
-    LazyDraftModule,
+from specforge_lightning.algorithms.draft_module import LazyDraftModule
+from specforge_lightning.algorithms.target_weights import (
     load_target_tensors,
     load_vocab_mapping,
     read_target_config,
     target_head_name,
 )
-from specforge_lightning.algorithms.eagle3.copy_head import plant_copy_head
+from specforge_lightning.algorithms.eagle3.init import Eagle3Initializer, SampleSource, assign_kv_heads
 from specforge_lightning.algorithms.eagle3.loss import (
     Eagle3LossOutput,
     compute_teacher,
@@ -31,10 +31,9 @@ from specforge_lightning.algorithms.eagle3.loss import (
     effective_loss_mask,
     later_scored_rows,
 )
-from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft, target_keys_for_init
-from specforge_lightning.algorithms.eagle3.self_head import plant_self_head
-from specforge_lightning.contracts import FeatureContext, StrategySpec
-from specforge_lightning.evaluation.metrics import AcceptanceMetric
+from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft
+from specforge_lightning.contracts import FeatureContext, StrategySpec, TrainBatch
+from specforge_lightning.algorithms.metrics import AcceptanceMetric
 
 CHECKPOINT_KEY = "eagle3"
 
@@ -59,20 +58,12 @@ class Eagle3Module(LazyDraftModule):
             the target files). The draft's own precision is the Trainer's ``precision``; the
             teacher softmax/argmax always run in fp32.
         teacher_chunk_size: rows of full-vocab teacher logits computed at once (``None``: all).
-        init_*: smart initialisation from the target, each part switchable
-            (see ``Eagle3Draft.init_from_target``); all off reproduces upstream.
-        init_copy_head: plant a copy (induction) head before training
-            (``copy_head.plant_copy_head``), fitted on the first ``init_copy_samples`` training
-            samples, which the datamodule provides through ``sample_features(n)`` (offline
-            features). Best with ``init_lm_head`` and ``init_norm``.
-        init_copy_strength, init_copy_sharpness: size of the copied token's vector relative
-            to the hidden stream, and the query scale (softmax temperature).
-        init_copy_previous: weight of the previous-token match (0: match one token only);
-            it tells apart two occurrences of a token by the token before each.
-        init_self_head: plant a current-token head (``self_head.plant_self_head``) that carries
-            the embedding of the token drafted from into the residual stream as a bigram guess;
-            fitted on the same samples (key/value head 1 when the copy head holds head 0).
-        init_self_strength: size of its write relative to the hidden stream (``fc``'s output).
+        init: initialisers of a fresh draft, applied in list order (``eagle3.init``: target
+            head/norm/fc/midlayer copies, the current-token and copy heads, each with its knobs
+            and measured effect); none reproduces upstream. Heads fitted on data read the
+            datamodule's first training samples (``SampleSource.sample_features``, offline
+            features). Plain ``{class_path, init_args}`` dicts are accepted too (the form kept in
+            checkpoints' hyperparameters, so that they load with ``weights_only=True``).
 
     Gradient clipping is the Trainer's ``gradient_clip_val`` (recipes use 0.5, as upstream).
     """
@@ -83,7 +74,8 @@ class Eagle3Module(LazyDraftModule):
         optional_features=("target_top1",),  # skips the teacher's full-vocabulary argmax
         min_supervised_run=1,
         layer_preset="eagle3",
-        loss=eagle3_loss,
+        layer_count=3,
+        resume_strict_hparams=("ttt_length", "loss_decay", "loss_normalize"),
     )
     checkpoint_key: ClassVar[str] = CHECKPOINT_KEY
 
@@ -101,20 +93,7 @@ class Eagle3Module(LazyDraftModule):
         anneal_by_time: bool = False,
         frozen_dtype: str | None = None,
         teacher_chunk_size: int | None = None,
-        init_lm_head: bool = False,
-        init_norm: bool = False,
-        init_fc: bool = False,
-        init_midlayer: bool = False,
-        init_layer: int = -1,
-        init_fc_chunk: int = -1,
-        init_emb_half_scale: float = 0.0,
-        init_copy_head: bool = False,
-        init_copy_samples: int = 128,
-        init_copy_strength: float = 2.0,
-        init_copy_sharpness: float = 3.0,
-        init_copy_previous: float = 0.0,
-        init_self_head: bool = False,
-        init_self_strength: float = 8.0,
+        init: list[Eagle3Initializer] | None = None,
     ) -> None:
         super().__init__()
         if loss_normalize not in ("positions", "tokens"):
@@ -123,8 +102,8 @@ class Eagle3Module(LazyDraftModule):
             raise ValueError(f"ttt_length must be >= 1, got {ttt_length}")
         if ttt_full_every < 1:
             raise ValueError(f"ttt_full_every must be >= 1 (1: every step unrolls ttt_length), got {ttt_full_every}")
-        if init_copy_previous < 0:
-            raise ValueError(f"init_copy_previous must be >= 0 (0: off), got {init_copy_previous}")
+        self.initializers = [Eagle3Initializer.from_spec(x) for x in init or ()]
+        init = [x.spec() for x in self.initializers]  # hparams keep the plain form (weights_only loading)
         self.save_hyperparameters()
         self.draft: Eagle3Draft | None = None
         self.draft_config: Eagle3Config | None = None
@@ -149,11 +128,10 @@ class Eagle3Module(LazyDraftModule):
     def _build(self, context: FeatureContext, config: Eagle3Config, target_cfg: dict[str, Any], fresh: bool) -> None:
         hp = self.hparams
         draft = Eagle3Draft(config)
-        smart = fresh and any((hp.init_lm_head, hp.init_norm, hp.init_fc, hp.init_midlayer))
         head_name = target_head_name(target_cfg)
         names = ["model.embed_tokens.weight", head_name]
-        if smart:
-            names += target_keys_for_init(target_cfg, hp.init_layer)
+        if fresh:
+            names += [k for x in self.initializers for k in x.target_keys(target_cfg)]
         dtype = getattr(torch, hp.frozen_dtype) if hp.frozen_dtype else None
         tensors = load_target_tensors(context.target_dir, names, dtype=dtype)
         if head_name not in tensors:  # untied config but no separate head in the files
@@ -163,18 +141,10 @@ class Eagle3Module(LazyDraftModule):
             draft.set_vocab_mapping(
                 *load_vocab_mapping(context.vocab_mapping_path, config.vocab_size, config.draft_vocab_size)
             )
-        if smart:
-            draft.init_from_target(
-                {k: v.float() for k, v in tensors.items()},
-                target_cfg,
-                lm_head=hp.init_lm_head,
-                norm=hp.init_norm,
-                fc=hp.init_fc,
-                midlayer=hp.init_midlayer,
-                layer=hp.init_layer,
-                fc_chunk=hp.init_fc_chunk,
-                emb_half_scale=hp.init_emb_half_scale,
-            )
+        if fresh and self.initializers:
+            exact = {k: v.float() for k, v in tensors.items()}
+            for initializer in self.initializers:
+                initializer.at_build(draft, exact, target_cfg)
         self.teacher_head = tensors[head_name].to(self.device)
         self.draft = draft.to(self.device)
         # The frozen tensors are identical on every rank: keep DDP from re-broadcasting them each step.
@@ -184,68 +154,31 @@ class Eagle3Module(LazyDraftModule):
     def on_fit_start(self) -> None:
         # Here, not in setup: only now does the trainer know whether a checkpoint was restored.
         fresh = self.trainer.ckpt_path is None and self.trainer.global_step == 0
-        if fresh and (self.hparams.init_copy_head or self.hparams.init_self_head):
+        if fresh and self.initializers:
             self.plant_heads(self.trainer.datamodule)
 
     def plant_heads(self, datamodule: Any) -> dict[str, float]:
-        """Fit and plant the current-token and/or copy head on the datamodule's first training samples."""
-        hp = self.hparams
-        flag = "init_self_head" if hp.init_self_head else "init_copy_head"
-        sample = getattr(datamodule, "sample_features", None)
-        if sample is None:
-            raise ValueError(
-                f"model.{flag} needs training samples before the first step, which "
-                f"{type(datamodule).__name__} cannot provide (no sample_features); use offline features "
-                f"(FeatureDataModule) or set model.{flag}=false"
-            )
-        keys = ["input_ids", "aux_hidden_states"]
-        if hp.init_self_head:
-            keys += ["loss_mask", "last_hidden_state"]
-        samples = sample(hp.init_copy_samples, keys=tuple(keys))
-        columns = {k: [s[k] for s in samples] for k in keys}
-        report: dict[str, float] = {}
-        if hp.init_self_head:
-            kv_head = 1 if hp.init_copy_head else 0
-            if kv_head >= self.draft_config.num_key_value_heads:
+        """Run the initialisers' ``at_fit_start`` (the planted heads) on the datamodule's first training samples."""
+        kv_heads = assign_kv_heads(self.initializers, self.draft_config.num_key_value_heads)
+        samples: Sequence[dict[str, torch.Tensor]] = ()
+        wanting = [x for x in self.initializers if x.samples > 0]
+        if wanting:
+            names = [type(x).__name__ for x in wanting]
+            if not isinstance(datamodule, SampleSource):
                 raise ValueError(
-                    "model.init_self_head and model.init_copy_head each need their own key/value head; "
-                    f"this draft has {self.draft_config.num_key_value_heads}"
+                    f"model.init_args.init: {' and '.join(names)} {'needs' if len(names) == 1 else 'need'} "
+                    f"training samples before the first step, which {type(datamodule).__name__} cannot provide "
+                    f"(no sample_features); use offline features (FeatureDataModule) or drop "
+                    f"{' and '.join(names)} from model.init_args.init"
                 )
-            own = plant_self_head(
-                self.draft,
-                columns["input_ids"],
-                columns["aux_hidden_states"],
-                columns["last_hidden_state"],
-                columns["loss_mask"],
-                kv_head=kv_head,
-                strength=hp.init_self_strength,
+            keys = list(dict.fromkeys(k for x in wanting for k in x.sample_keys))
+            samples = datamodule.sample_features(max(x.samples for x in wanting), keys=tuple(keys))
+        report: dict[str, float] = {}
+        for initializer, kv_head in zip(self.initializers, kv_heads):
+            head_samples = samples[: initializer.samples]
+            report.update(
+                initializer.at_fit_start(self.draft, head_samples, kv_head=kv_head, max_length=self.context.max_length)
             )
-            rank_zero_info(
-                f"current-token head planted from {int(own['tokens'])} supervised sample tokens: its bigram guess "
-                f"agrees with the target's next state for {own['bigram_accuracy']:.0%} of held-out positions"
-            )
-            report.update({f"self_{k}": v for k, v in own.items()})
-        if hp.init_copy_head:
-            copy = plant_copy_head(
-                self.draft,
-                columns["input_ids"],
-                columns["aux_hidden_states"],
-                max_position=max(512, self.context.max_length),
-                sharpness=hp.init_copy_sharpness,
-                strength=hp.init_copy_strength,
-                previous=hp.init_copy_previous,
-            )
-            previous = (
-                f"; the previous token for {copy['previous_token_accuracy']:.0%} ({int(copy['previous_dims'])} dims)"
-                if "previous_dims" in copy
-                else ""
-            )
-            rank_zero_info(
-                f"copy head planted from {int(copy['tokens'])} sample tokens: keys recover the slot's token for "
-                f"{copy['key_token_accuracy']:.0%} of held-out positions ({int(copy['content_dims'])} content dims)"
-                + previous
-            )
-            report.update(copy)
         return report
 
     @staticmethod
@@ -262,7 +195,7 @@ class Eagle3Module(LazyDraftModule):
 
         ``length`` overrides the unroll (default ``ttt_length``); counts then have ``length`` entries.
         """
-        t = batch.tensors if hasattr(batch, "tensors") else batch
+        t = batch.tensors if isinstance(batch, TrainBatch) else batch
         input_ids = t["input_ids"]
         attention_mask = t.get("attention_mask")
         if attention_mask is None:
@@ -295,7 +228,7 @@ class Eagle3Module(LazyDraftModule):
 
     @staticmethod
     def _batch_size(batch: Any) -> int:
-        t = batch.tensors if hasattr(batch, "tensors") else batch
+        t = batch.tensors if isinstance(batch, TrainBatch) else batch
         return int(t["input_ids"].shape[0])
 
     def train_length(self) -> int:

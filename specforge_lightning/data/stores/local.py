@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from specforge_lightning.contracts import SampleRef
-from specforge_lightning.data import shards
+from specforge_lightning.data.stores import shards
 from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, make_ref
 
 

@@ -10,10 +10,7 @@ They are freed by ``release`` (consume-once) or ``abort``, with ``force=True``,
 because Mooncake grants a reader a short lease on every lookup and an ordinary
 remove fails (-706) while it lasts.
 
-Data path: a staging buffer registered once with the transfer engine; a sample
-is packed into it and written with one ``batch_put_from`` (read back with one
-``batch_get_into``). A tensor larger than the staging buffer falls back to the
-bytes API (``put``/``get``), which is bounded by ``local_buffer_bytes``.
+Data path: ``mooncake_io.py`` (one registered staging buffer, one batch put/get per sample).
 """
 
 from __future__ import annotations
@@ -28,64 +25,20 @@ from typing import Any
 
 import torch
 
-from specforge_lightning.contracts import FeatureSpec, SampleRef
+from specforge_lightning.contracts import SampleRef
 from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, specs_of
+from specforge_lightning.data.stores.mooncake_io import (
+    MIN_SEGMENT_BYTES,
+    connect,
+    dtype_of,
+    explain,
+    nbytes_of,
+    read_objects,
+    tensor_bytes,
+    write_objects,
+)
 
 URI_SCHEME = "mooncake://"
-ALIGN = 64  # byte alignment of tensors packed into the staging buffer
-MIN_SEGMENT_BYTES = 16 << 20  # Mooncake refuses to mount a smaller segment
-DTYPES = {
-    name: getattr(torch, name)
-    for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
-}
-# Mooncake error codes seen on the store API (negative return values).
-ERRORS = {
-    -200: "no space left in the mounted segments",
-    -600: "invalid argument or buffer too small",
-    -704: "object not found",
-    -706: "object is leased by a reader",
-}
-
-
-def explain(rc: int) -> str:
-    return f"rc={rc} ({ERRORS.get(rc, 'mooncake error')})"
-
-
-def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of a tensor as a contiguous CPU ``uint8`` tensor (works for bf16, bool, ...)."""
-    t = t.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-
-
-def tensor_from_bytes(data: torch.Tensor | bytes | bytearray | memoryview, spec: FeatureSpec) -> torch.Tensor:
-    """Rebuild a fresh tensor of ``spec``'s shape and dtype from raw bytes (the inverse of ``tensor_bytes``)."""
-    dtype = dtype_of(spec.dtype)
-    out = torch.empty(spec.shape, dtype=dtype)
-    if out.numel() == 0:
-        return out
-    src = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    dst = out.view(-1).view(torch.uint8)
-    if src.numel() != dst.numel():
-        raise FeatureStoreError(f"feature {spec.name}: got {src.numel()} bytes, spec {spec} needs {dst.numel()}")
-    dst.copy_(src)
-    return out
-
-
-def dtype_of(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise FeatureStoreError(f"dtype {name!r} is not supported by the Mooncake store (supported: {sorted(DTYPES)})")
-    return DTYPES[name]
-
-
-def nbytes_of(spec: FeatureSpec) -> int:
-    n = 1
-    for d in spec.shape:
-        n *= d
-    return n * torch.empty((), dtype=dtype_of(spec.dtype)).element_size()
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 @dataclass
@@ -125,36 +78,24 @@ class MooncakeFeatureStore(FeatureStore):
             raise ValueError(f"segment_bytes must be 0 or >= {MIN_SEGMENT_BYTES} (Mooncake's minimum): {segment_bytes}")
         if "/" in prefix or not prefix:
             raise ValueError(f"prefix must be a non-empty string without '/', got {prefix!r}")
-        # Without this the transfer engine advertises the machine's external address.
-        os.environ.setdefault("MC_TCP_BIND_ADDRESS", local_hostname)
-        try:
-            from mooncake.store import MooncakeDistributedStore, ReplicateConfig
-        except ImportError as e:  # pragma: no cover - depends on the machine
-            raise FeatureStoreError(
-                "Mooncake is not importable; install mooncake-transfer-engine-non-cuda==0.3.13.post1 "
-                f"and Debian's libibverbs1 ({e})"
-            ) from e
+        conn = connect(
+            master_address,
+            metadata_server,
+            segment_bytes=segment_bytes,
+            local_buffer_bytes=local_buffer_bytes,
+            staging_bytes=staging_bytes,
+            protocol=protocol,
+            rdma_devices=rdma_devices,
+            local_hostname=local_hostname,
+        )
         self.prefix = prefix
         self.master_address = master_address
         self.metadata_server = metadata_server
         self.consume_once = consume_once
         self._lock = threading.RLock()
-        self._client = MooncakeDistributedStore()
-        rc = self._client.setup(
-            local_hostname, metadata_server, segment_bytes, local_buffer_bytes, protocol, rdma_devices, master_address
-        )
-        if rc != 0:
-            raise FeatureStoreError(
-                f"Mooncake setup failed ({explain(rc)}): master {master_address}, metadata {metadata_server}"
-            )
-        self._config = ReplicateConfig()
-        self._config.replica_num = 1
-        self._config.with_hard_pin = True  # never evicted: we free explicitly
-        self._staging: torch.Tensor | None = None
-        if staging_bytes > 0:
-            buf = torch.empty(staging_bytes, dtype=torch.uint8)
-            if self._client.register_buffer(buf.data_ptr(), buf.numel()) == 0:
-                self._staging = buf
+        self._client = conn.client
+        self._config = conn.config
+        self._staging: torch.Tensor | None = conn.staging
         # Bookkeeping, both bounded by ``remember`` (oldest forgotten first): samples this
         # process put or read and has not freed, and the newest freed generation per sample.
         self._live: OrderedDict[str, _Live] = OrderedDict()
@@ -229,7 +170,8 @@ class MooncakeFeatureStore(FeatureStore):
                 )
             written: list[str] = []
             try:
-                self._write([(keys[s.name], raw[s.name]) for s in specs], written)
+                items = [(keys[s.name], raw[s.name]) for s in specs]
+                write_objects(self._client, self._config, self._staging, items, written)
             except BaseException:
                 self._remove(written)
                 raise
@@ -248,50 +190,6 @@ class MooncakeFeatureStore(FeatureStore):
             provenance=dict(provenance or {}),
         )
 
-    def _write(self, items: list[tuple[str, torch.Tensor]], written: list[str]) -> None:
-        for group in self._groups([data.numel() for _, data in items]):
-            chunk = [items[i] for i in group if items[i][1].numel()]  # empty tensors are not stored
-            if not chunk:
-                continue
-            staged = self._fits(d.numel() for _, d in chunk)
-            if staged:
-                ptrs, sizes, off = [], [], 0
-                for _, data in chunk:
-                    self._staging[off : off + data.numel()].copy_(data)
-                    ptrs.append(self._staging.data_ptr() + off)
-                    sizes.append(data.numel())
-                    off += _align(data.numel())
-                codes = self._client.batch_put_from([k for k, _ in chunk], ptrs, sizes, self._config)
-            else:  # larger than the staging buffer: the bytes API
-                codes = [self._client.put(k, d.numpy(), self._config) for k, d in chunk]
-            written.extend(k for (k, _), rc in zip(chunk, codes) if rc == 0)
-            bad = [(k, rc) for (k, _), rc in zip(chunk, codes) if rc != 0]
-            if bad:
-                hint = "" if staged else " (bytes API: bounded by local_buffer_bytes; a larger staging_bytes avoids it)"
-                raise FeatureStoreError(f"put of {bad[0][0]} failed: {explain(bad[0][1])}{hint}")
-
-    def _fits(self, sizes: Any) -> bool:
-        return self._staging is not None and sum(_align(n) for n in sizes) <= self._staging.numel()
-
-    def _groups(self, sizes: list[int]) -> list[list[int]]:
-        """Split tensors (by index) into runs that fit the staging buffer; oversized ones go alone."""
-        cap = self._staging.numel() if self._staging is not None else 0
-        groups: list[list[int]] = []
-        current: list[int] = []
-        used = 0
-        for i, n in enumerate(sizes):
-            if _align(n) > cap:
-                groups.append([i])
-                continue
-            if used + _align(n) > cap:
-                groups.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += _align(n)
-        if current:
-            groups.append(current)
-        return groups
-
     # ------------------------------------------------------------------ get
     def get(self, ref: SampleRef) -> tuple[dict[str, torch.Tensor], Lease]:
         """Fresh tensors (already copies) plus a lease; stale or freed refs raise FeatureStoreError."""
@@ -307,53 +205,13 @@ class MooncakeFeatureStore(FeatureStore):
                 raise FeatureStoreError(f"sample {sid} g{gen} was already released, aborted or superseded")
             specs = [ref.spec(name) for name in ref.feature_keys]
             items = [(ref.feature_keys[s.name], s, nbytes_of(s)) for s in specs]
-            out = self._read(sid, gen, items)
+            out = read_objects(self._client, self._staging, sid, gen, items)
             keys = tuple(k for k, _, _ in items)
             if live is None or live.generation != gen:
                 live = _Live(gen, keys)
             live.leases += 1
             self._track(sid, live)
         return out, Lease(sample_id=sid, generation=gen, handle=keys)
-
-    def _read(self, sid: str, gen: int, items: list[tuple[str, FeatureSpec, int]]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for group in self._groups([n for _, _, n in items]):
-            chunk = [items[i] for i in group]
-            for key, spec, n in chunk:
-                if n == 0:
-                    out[spec.name] = tensor_from_bytes(b"", spec)
-            chunk = [c for c in chunk if c[2] > 0]
-            if not chunk:
-                continue
-            if self._fits(n for _, _, n in chunk):
-                offs, off = [], 0
-                for _, _, n in chunk:
-                    offs.append(off)
-                    off += _align(n)
-                codes = self._client.batch_get_into(
-                    [k for k, _, _ in chunk], [self._staging.data_ptr() + o for o in offs], [n for _, _, n in chunk]
-                )
-                for (key, spec, n), o, rc in zip(chunk, offs, codes):
-                    self._check_read(sid, gen, key, rc, n)
-                    out[spec.name] = tensor_from_bytes(self._staging[o : o + n], spec)
-            else:
-                for key, spec, n in chunk:
-                    data = self._client.get(key)
-                    self._check_read(sid, gen, key, len(data) if data else -704, n)
-                    out[spec.name] = tensor_from_bytes(data, spec)
-        return out
-
-    @staticmethod
-    def _check_read(sid: str, gen: int, key: str, rc: int, expected: int) -> None:
-        if rc == -704:
-            raise FeatureStoreError(
-                f"sample {sid} g{gen}: object {key} is missing (released, aborted, superseded by a newer "
-                "generation, or its owner's segment went away)"
-            )
-        if rc < 0:
-            raise FeatureStoreError(f"sample {sid} g{gen}: reading {key} failed: {explain(rc)}")
-        if rc != expected:
-            raise FeatureStoreError(f"sample {sid} g{gen}: {key} has {rc} bytes, its spec says {expected}")
 
     # ------------------------------------------------------------ release
     def release(self, lease: Lease) -> None:

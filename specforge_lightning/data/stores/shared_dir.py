@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from specforge_lightning.contracts import SampleRef
-from specforge_lightning.data import shards
+from specforge_lightning.data.stores import shards
 from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, make_ref
 from specforge_lightning.data.stores.local import check_tensors, nbytes_of
 

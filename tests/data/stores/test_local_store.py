@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specforge_lightning.contracts import SampleRef
-from specforge_lightning.data.shards import write_shard
+from specforge_lightning.data.stores.shards import write_shard
 from specforge_lightning.data.stores.base import FeatureStoreError
 from specforge_lightning.data.stores.local import LocalFeatureStore, PreparedShardStore
 

@@ -15,7 +15,8 @@ import torch
 
 from specforge_lightning.contracts import FeatureSpec, SampleRef
 from specforge_lightning.data.stores.base import FeatureStoreError
-from specforge_lightning.data.stores.mooncake import MooncakeFeatureStore, tensor_bytes, tensor_from_bytes
+from specforge_lightning.data.stores.mooncake import MooncakeFeatureStore
+from specforge_lightning.data.stores.mooncake_io import tensor_bytes, tensor_from_bytes
 
 pytestmark = pytest.mark.mooncake
 REPO = Path(__file__).resolve().parents[3]

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from specforge_lightning.callbacks import GracefulPreemption, ResumeState, SpecForgeCheckpoint
-from specforge_lightning.data.datamodule import FeatureDataModule
-from specforge_lightning.data.shards import write_shard
+from specforge_lightning.datamodules import FeatureDataModule
+from specforge_lightning.data.stores.shards import write_shard
 from specforge_lightning.data.vocab import build_vocab_mapping, save_vocab_mapping
 from specforge_lightning.target.prepare import PrepareConfig
 from specforge_lightning.target.zoo import resolve_target
@@ -35,6 +35,7 @@ def prepare_config(features: str | Path, num_train: int = 24, num_val: int = 8, 
     return PrepareConfig(
         output_dir=str(features), target=TARGET, corpus="random", num_samples=num_train, num_val_samples=num_val,
         max_length=seq_len, draft_vocab_size=64, capture_dtype="float32", compute_dtype="float32", shard_size=64,
+        layer_preset="eagle3",
     )
 
 

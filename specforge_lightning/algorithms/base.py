@@ -1,0 +1,191 @@
+"""The one seam between generic code and a draft algorithm.
+
+``evaluation/``, ``export/``, ``callbacks/`` and ``cli.py`` reach an algorithm only through
+an :class:`Algorithm` record from ``algorithms.registry`` and the types declared here: no
+``hasattr`` probing, no algorithm names. An algorithm is one sub-package (model, loss,
+module, drafter, export) whose ``__init__`` builds its ``Algorithm`` record, plus one line
+in the registry (or a ``register`` call, for a plugin) and its configs.
+
+Every field of :class:`Algorithm` is one ability, documented where it is declared (as
+torchtitan's ``ModelSpec`` does); a generic module that needs a new ability adds a field
+here, and every algorithm then supplies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from torch import nn
+
+from specforge_lightning.contracts import StrategySpec
+from specforge_lightning.errors import UserError
+
+
+class DraftLoadError(UserError):
+    """A file or folder that is not a loadable draft of a registered algorithm; the message names it."""
+
+
+class VerifyingTarget(Protocol):
+    """The target as a drafter sees it at evaluate time (``evaluation.speculative.TargetRunner``).
+
+    ``forward(ids, keep_logits)`` appends ``ids`` to the target's KV cache and returns its greedy
+    next ids for the last ``keep_logits`` inputs plus the captured aux states ``(T, k·H)`` of
+    the drafter's ``layer_ids``; ``reset()`` empties the cache.
+    """
+
+    def reset(self) -> None: ...
+
+    def forward(self, ids: Sequence[int], keep_logits: int | None = None) -> tuple[list[int], torch.Tensor | None]: ...
+
+
+def teacher_forced_aux(
+    runner: VerifyingTarget, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> tuple[list[int], torch.Tensor] | None:
+    """``prompt + output`` ids and the target's aux states over all of them, for a drafter's teacher forcing.
+
+    None when the output has under two tokens (nothing after the first new token to predict).
+    The runner's cache is emptied before and after, so the harness's own decoding is untouched.
+    """
+    ids = list(prompt_ids) + list(output_ids)
+    if len(ids) < len(prompt_ids) + 2:
+        return None
+    runner.reset()
+    _, aux = runner.forward(ids, keep_logits=1)
+    runner.reset()
+    assert aux is not None, "the runner captures the drafter's layer_ids"
+    return ids, aux
+
+
+class Drafter(Protocol):
+    """What the speculative-decoding harness drives: start on a prompt, propose, learn what was verified.
+
+    Attributes:
+        layer_ids: target layers whose outputs the drafter reads (what the runner captures).
+        description: the drafting policy in words, recorded in the report.
+        simulated_definition: what ``teacher_forced_counts`` measures, recorded in the report.
+    """
+
+    layer_ids: tuple[int, ...]
+    description: str
+    simulated_definition: str
+
+    def start(self, aux: torch.Tensor, next_ids: Sequence[int]) -> None:
+        """Feed the prompt: aux states ``(T, k·H)`` of ``x_0..x_{T-1}`` and the tokens that follow them."""
+
+    def propose(self, k: int) -> list[int]:
+        """Up to ``k`` drafted target-vocabulary ids after the verified text."""
+
+    def accept(self, aux: torch.Tensor, next_ids: Sequence[int]) -> None:
+        """Feed the verified part of the last verify pass (aux states and the tokens after them)."""
+
+    def teacher_forced_counts(
+        self, runner: VerifyingTarget, prompt_ids: Sequence[int], output_ids: Sequence[int], k: int
+    ) -> tuple[list[int], list[int]]:
+        """Per-position ``(correct, total)`` along the target's own output: the simulated AL's inputs."""
+
+
+@dataclass
+class LoadedDraft:
+    """A draft read back from a checkpoint or an exported folder, with what generic code checks.
+
+    ``draft`` is the algorithm's own ``nn.Module`` (only the algorithm's exporters and drafter
+    look inside it); the shape fields let ``evaluate`` check the draft against a target.
+    """
+
+    algorithm: str
+    draft: nn.Module
+    source: str
+    kind: str  # "checkpoint", "hf" or "sglang"
+    layer_ids: tuple[int, ...]
+    target_hidden_size: int
+    vocab_size: int
+    draft_vocab_size: int
+    context: dict[str, Any] = field(default_factory=dict)
+    has_embedding: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm,
+            "source": self.source,
+            "kind": self.kind,
+            "target_id": self.context.get("target_id"),
+            "aux_layer_ids": list(self.layer_ids),
+            "draft_vocab_size": self.draft_vocab_size,
+        }
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.draft.parameters() if p.is_floating_point()).dtype
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to read a draft: where its target lives, whether the frozen embedding is needed, trust."""
+
+    target_dir: str | None = None
+    with_embedding: bool = True
+    trusted: bool = False
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format an algorithm writes.
+
+    Attributes:
+        write: ``write(loaded, out_dir, dtype) -> folder``; ``dtype`` None keeps the format's default.
+        needs_embedding: the loader must attach the frozen embedding before ``write``.
+        serve_hint: the command that serves the folder (printed after the export), or None.
+        description: one line for ``export --help``.
+    """
+
+    write: Callable[[LoadedDraft, Path, torch.dtype | None], Path]
+    needs_embedding: bool = False
+    serve_hint: Callable[[LoadedDraft, Path], str] | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Everything generic code may know of one algorithm.
+
+    Attributes:
+        name: registry name; also the key of its checkpoint metadata and the features' strategy.
+        module: its LightningModule class (the training step the Trainer and a Fabric loop drive);
+            the class declares ``strategy_spec``.
+        load_checkpoint: ``(path, checkpoint dict, options) -> LoadedDraft`` for a checkpoint this
+            algorithm wrote (the dict is already read, with the trust the user gave).
+        owns_export: ``(config.json dict) -> bool``: is this exported folder one of ours.
+        load_export: ``(folder, config.json dict, options) -> LoadedDraft``.
+        exports: export formats by name (``hf``, ``sglang``, ...).
+        make_drafter: ``(loaded) -> Drafter`` for ``evaluate``.
+    """
+
+    name: str
+    module: type[L.LightningModule]
+    load_checkpoint: Callable[[Path, Mapping[str, Any], LoadOptions], LoadedDraft]
+    owns_export: Callable[[Mapping[str, Any]], bool]
+    load_export: Callable[[Path, Mapping[str, Any], LoadOptions], LoadedDraft]
+    exports: Mapping[str, ExportFormat]
+    make_drafter: Callable[[LoadedDraft], Drafter]
+
+    @property
+    def spec(self) -> StrategySpec:
+        """The StrategySpec its module declares to the data plane."""
+        return self.module.strategy_spec  # type: ignore[attr-defined]
+
+
+__all__ = [
+    "Algorithm",
+    "DraftLoadError",
+    "Drafter",
+    "ExportFormat",
+    "LoadOptions",
+    "LoadedDraft",
+    "VerifyingTarget",
+    "teacher_forced_aux",
+]

@@ -1,0 +1,98 @@
+"""The one way every subcommand reads a fit config: a YAML file, its sections, its model class.
+
+A fit config is what LightningCLI reads (``trainer:``, ``model:``, ``data:``), and a
+section may sit under ``init_args`` at any level (``data: {class_path: ..., init_args:
+{prepare: ...}}``) or not (``data: {prepare: ...}``). Every error here is a UserError
+naming the file and, for a syntax error, the line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from specforge_lightning.errors import UserError
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file (an empty file is ``{}``).
+
+    Raises:
+        UserError: the file does not exist, cannot be read, is not valid YAML (naming the
+            file, line and column) or holds something other than a mapping at the top.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} cannot be read: {e}") from None
+    try:
+        node = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or str(e)
+        raise UserError(f"{where}: invalid YAML: {problem}") from None
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise UserError(f"config file {path} holds a {type(node).__name__} at the top; expected a mapping of sections")
+    return node
+
+
+def section(config: Mapping[str, Any], dotted: str, *, source: str = "the config", required: bool = False) -> dict[str, Any]:
+    """The section ``dotted`` (e.g. ``"data.prepare"``) of a fit config, through any ``init_args`` levels.
+
+    ``source`` names the file in errors. A missing section is ``{}`` unless ``required``.
+
+    Raises:
+        UserError: a level on the way is not a mapping, or ``required`` and the section is missing.
+    """
+    node: Any = config
+    walked: list[str] = []
+    for key in dotted.split("."):
+        if isinstance(node, Mapping) and key not in node and isinstance(node.get("init_args"), Mapping):
+            node = node["init_args"]
+        walked.append(key)
+        node = node.get(key) if isinstance(node, Mapping) else None
+        if node is None:
+            if required:
+                raise UserError(f"{source} has no {'.'.join(walked)} section (needed: {dotted})")
+            return {}
+        if not isinstance(node, Mapping):
+            raise UserError(f"{source}: {'.'.join(walked)} is a {type(node).__name__}, expected a mapping")
+    return dict(node)
+
+
+def model_class_path(config: Mapping[str, Any], *, source: str = "the config") -> str | None:
+    """The class the fit config's ``model`` section names (``model.class_path`` or ``model: a.B``); None if none."""
+    model = config.get("model")
+    if model is None:
+        return None
+    if isinstance(model, str):
+        return model
+    if isinstance(model, Mapping) and isinstance(model.get("class_path"), str):
+        return model["class_path"]
+    raise UserError(f"{source}: model section names no class_path (e.g. model: {{class_path: package.module.Class}})")
+
+
+def check_fields(values: Mapping[str, Any], known: Iterable[str], *, where: str) -> None:
+    """Refuse keys that are not in ``known``, naming each with the nearest known key.
+
+    ``where`` names the place, e.g. ``"data.prepare of configs/eagle3.yaml"``.
+    """
+    known = sorted(known)
+    unknown = sorted(set(values) - set(known))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    raise UserError(f"unknown key(s) {', '.join(hints)} in {where}; known: {known}")
