@@ -14,7 +14,7 @@ $PY -m specforge_lightning fit --config "$CONFIG" --trainer.default_root_dir "$R
 CKPT="$RUN/checkpoints/last.ckpt"
 $PY -m specforge_lightning evaluate --config "$CONFIG" --ckpt_path "$CKPT" --output "$RUN/eval/acceptance.json" \
     --num_prompts 20 --max_new_tokens 128 --k 5 --dtype float32 --threads 2
-$PY -m specforge_lightning export --ckpt_path "$CKPT" --format sglang --output_dir "$RUN/export/sglang"
+$PY -m specforge_lightning export --ckpt_path "$CKPT" --format sglang --output_dir "$RUN/export/sglang" --overwrite
 $PY - "$RUN" <<'PY'
 import json, sys
 run = sys.argv[1]

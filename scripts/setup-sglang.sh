@@ -24,6 +24,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+if ! command -v "${CC:-gcc}" >/dev/null && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev) >/dev/null 2>&1 \
+    || echo "warning: could not install gcc; the stub libcuda cannot be built" >&2
+fi
 if [ ! -f "$STUB_DIR/libcuda.so.1" ] || [ "$STUB_SRC" -nt "$STUB_DIR/libcuda.so.1" ]; then
   mkdir -p "$STUB_DIR"
   ${CC:-gcc} -shared -fPIC -O1 -Wl,-soname,libcuda.so.1 -o "$STUB_DIR/libcuda.so.1" "$STUB_SRC"

@@ -6,6 +6,7 @@
     python -m specforge_lightning evaluate --config configs/eagle3.yaml --ckpt_path ... --output al.json
     python -m specforge_lightning export --ckpt_path ... --format sglang --output_dir ...
     python -m specforge_lightning produce --config configs/eagle3-tiny-stream.yaml
+    python -m specforge_lightning plan --config configs/eagle3.yaml --budget_minutes 30 --out plan.json
 
 Every command reads a fit config with ``--config FILE`` and takes ``--key=value`` overrides.
 A mistake of the user's (a UserError) prints ``error: <message>`` and exits 2; a bug keeps
@@ -20,14 +21,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from specforge_lightning.config_files import check_fields, load_yaml, model_class_path, section
+from specforge_lightning.config_files import RUN_CONFIG, check_fields, load_yaml, model_class_path, section
 from specforge_lightning.errors import UserError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 # Lightning's rich bar re-renders on a thread up to 100 times a second by default; on 2 cores that
 # took ~7% of every quickstart step (305 vs 283 ms). Two renders a second show the same progress.
 PROGRESS_REFRESH_PER_S = 2
-RUN_CONFIG = "config.yaml"  # <default_root_dir>/config.yaml: what the run used, for evaluate/export
 TRUST_FLAG = "--trust_checkpoint"
 DEBUG_ENV = "SPECFORGE_DEBUG"
 # Loggers that continue in their newest version folder on a resume (TensorBoard appends a new
@@ -88,10 +88,15 @@ def _cli_class():
     ``trainer.default_root_dir`` (a new version per run, the same one on a resume for
     TensorBoard) and the resolved config is saved as ``<default_root_dir>/config.yaml``.
     """
+    from jsonargparse._actions import _ActionPrintConfig
     from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from specforge_lightning.callbacks import GracefulPreemption, ResumeState, SpecForgeCheckpoint, find_best_checkpoint
+    from specforge_lightning.runtime import progress
+    from specforge_lightning.runtime.config_precision import resolve_run_config
+    from specforge_lightning.runtime.fit_progress import PlainProgressLogger, interval_from_env
+    from specforge_lightning.runtime.precision import announce
 
     class RunConfig(SaveConfigCallback):
         """The resolved config of a fit, as ``<default_root_dir>/config.yaml`` (validate/test keep the fit's)."""
@@ -120,6 +125,21 @@ def _cli_class():
             )
             # The run folder is complete: every logger writes under the run's own default_root_dir.
             parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", compute_fn=_run_root)
+            _accept_auto_precision(parser)
+
+        def parse_arguments(self, parser, args) -> None:
+            """Parse, then decide every precision ``auto`` (runtime.config_precision), so that the Trainer,
+            the model, ``config.yaml`` and ``--print_config`` all see the concrete values."""
+            with _ActionPrintConfig.skip_print_config():
+                super().parse_arguments(parser, args)
+            sub = self.config.get("subcommand")
+            try:
+                choice = resolve_run_config(self.config[sub] if sub else self.config)
+            except ValueError as e:
+                raise UserError(f"precision auto: {e}") from None
+            if choice is not None:
+                announce(choice)
+            _ActionPrintConfig.print_config_if_requested(parser, self.config)
 
         def before_instantiate_classes(self) -> None:
             sub = self.config.get("subcommand")
@@ -141,13 +161,18 @@ def _cli_class():
                             args["version"] = newest
 
         def instantiate_trainer(self, **kwargs):
-            """The default progress bar, throttled (``PROGRESS_REFRESH_PER_S``); a bar the user gives wins."""
+            """The default progress: on a TTY the rich bar, throttled (``PROGRESS_REFRESH_PER_S``); otherwise
+            plain lines every ``SPECFORGE_PROGRESS_INTERVAL_S`` (30) seconds. A bar the user gives wins."""
             trainer = self._get(self.config_init, "trainer", default={})
             given = trainer.get("callbacks") or []
             given = list(given) if isinstance(given, list) else [given]
             wants_bar = trainer.get("enable_progress_bar") is not False
             if wants_bar and "callbacks" not in kwargs and not any(isinstance(c, ProgressBar) for c in given):
-                kwargs["callbacks"] = [*given, RichProgressBar(refresh_rate=PROGRESS_REFRESH_PER_S)]
+                if progress.is_tty(sys.stdout):
+                    kwargs["callbacks"] = [*given, RichProgressBar(refresh_rate=PROGRESS_REFRESH_PER_S)]
+                else:  # a redrawn bar shows nothing in a piped log
+                    kwargs["callbacks"] = [*given, PlainProgressLogger(interval_from_env())]
+                    kwargs["enable_progress_bar"] = False
             return super().instantiate_trainer(**kwargs)
 
         def _parse_ckpt_path(self) -> None:
@@ -162,6 +187,18 @@ def _cli_class():
                 cfg["ckpt_path"] = best
 
     return SpecForgeCLI
+
+
+def _accept_auto_precision(parser) -> None:
+    """Let ``trainer.precision`` say ``auto`` (Lightning's type lists only concrete values).
+
+    ``SpecForgeCLI.parse_arguments`` replaces it before anything reads it.
+    """
+    from typing import Literal, Optional, Union
+
+    for action in parser._actions:
+        if action.dest == "trainer.precision" and hasattr(action, "_typehint"):
+            action._typehint = Optional[Union[Literal["auto"], action._typehint]]
 
 
 def run_lightning(args: Sequence[str]) -> None:
@@ -293,11 +330,11 @@ def cmd_show_mask(args: Sequence[str]) -> None:
     from transformers import AutoTokenizer
 
     from specforge_lightning.data.chat import print_masked_sample, tokenize_conversation
-    from specforge_lightning.data.corpus import load_conversations
+    from specforge_lightning.data.corpus import conversation_at
     from specforge_lightning.target.zoo import resolve_target
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_target(ns.target)))
-    messages = load_conversations(ns.corpus, limit=1, skip=ns.index)[0]
+    messages = conversation_at(ns.corpus, ns.index)
     ids, mask = tokenize_conversation(tokenizer, messages, ns.max_length, train_only_last_turn=ns.train_only_last_turn)
     print_masked_sample(tokenizer, ids, mask)
 
@@ -315,6 +352,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "produce": _lazy("specforge_lightning.target.producer", "main"),
     "evaluate": _lazy("specforge_lightning.evaluation.command", "main"),
     "export": _lazy("specforge_lightning.export.command", "main"),
+    "plan": _lazy("specforge_lightning.plan_command", "main"),
+    "fabric": _lazy("specforge_lightning.fabric.command", "main"),
 }
 
 

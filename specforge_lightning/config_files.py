@@ -17,6 +17,9 @@ import yaml
 
 from specforge_lightning.errors import UserError
 
+RUN_CONFIG = "config.yaml"  # <default_root_dir>/config.yaml: the resolved config a fit saved, for evaluate/export
+CHECKPOINT_DIR = "checkpoints"  # <default_root_dir>/checkpoints/: where a run's checkpoints live
+
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML file (an empty file is ``{}``).
@@ -96,3 +99,12 @@ def check_fields(values: Mapping[str, Any], known: Iterable[str], *, where: str)
         close = difflib.get_close_matches(key, known, n=1)
         hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
     raise UserError(f"unknown key(s) {', '.join(hints)} in {where}; known: {known}")
+
+
+def run_config_of(checkpoint: str | Path) -> Path | None:
+    """The resolved config saved by the fit that wrote ``checkpoint`` (``<run>/checkpoints/x.ckpt`` -> ``<run>/config.yaml``)."""
+    path = Path(checkpoint)
+    if path.parent.name != CHECKPOINT_DIR:
+        return None
+    saved = path.parent.parent / RUN_CONFIG
+    return saved if saved.is_file() else None

@@ -264,3 +264,17 @@ def test_fit_on_two_ddp_ranks_launched_by_lightning_equals_a_torchrun_launch(tmp
         assert all(torch.isfinite(v).all() for v in final[name].values() if v.is_floating_point())
     assert final["lightning"].keys() == final["torchrun"].keys()
     assert all(torch.equal(final["lightning"][k], final["torchrun"][k]) for k in final["lightning"])
+
+
+def test_show_mask_on_a_corpus_without_assistant_turns_names_the_corpus(tmp_path):
+    import json as _json
+    import subprocess as _sp
+    import sys as _sys
+
+    corpus = tmp_path / "users.jsonl"
+    corpus.write_text("\n".join(_json.dumps({"conversations": [{"role": "user", "content": f"hi {i}"}]}) for i in range(3)))
+    proc = _sp.run([_sys.executable, "-m", "specforge_lightning", "show-mask", "--target", "tiny-llama",
+                    "--corpus", str(corpus), "--index", "0"], capture_output=True, text=True, timeout=120,
+                   env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and str(corpus) in proc.stderr and "Traceback" not in proc.stderr

@@ -14,7 +14,7 @@ here, and every algorithm then supplies it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -133,6 +133,29 @@ class LoadOptions:
 
 
 @dataclass(frozen=True)
+class DrafterOptions:
+    """How ``evaluate`` asks an algorithm to draft, beyond the draft length it passes to ``propose``.
+
+    Attributes:
+        confidence_threshold: stop a block once the draft's own predicted probability that every
+            token so far is accepted falls below this (drafters with a confidence head); None: off.
+
+    An algorithm refuses an option it does not implement (``refuse_unsupported``), so a flag is
+    never silently ignored.
+    """
+
+    confidence_threshold: float | None = None
+
+    def refuse_unsupported(self, algorithm: str, supported: Sequence[str] = ()) -> None:
+        for f in fields(self):
+            if f.name not in supported and getattr(self, f.name) != f.default:
+                raise UserError(
+                    f"evaluate: --{f.name} is not an option of {algorithm} drafting "
+                    f"(it supports: {', '.join('--' + n for n in supported) or 'no drafting options'})"
+                )
+
+
+@dataclass(frozen=True)
 class ExportFormat:
     """One export format an algorithm writes.
 
@@ -162,7 +185,7 @@ class Algorithm:
         owns_export: ``(config.json dict) -> bool``: is this exported folder one of ours.
         load_export: ``(folder, config.json dict, options) -> LoadedDraft``.
         exports: export formats by name (``hf``, ``sglang``, ...).
-        make_drafter: ``(loaded) -> Drafter`` for ``evaluate``.
+        make_drafter: ``(loaded, options) -> Drafter`` for ``evaluate``; refuses options it does not implement.
     """
 
     name: str
@@ -171,7 +194,7 @@ class Algorithm:
     owns_export: Callable[[Mapping[str, Any]], bool]
     load_export: Callable[[Path, Mapping[str, Any], LoadOptions], LoadedDraft]
     exports: Mapping[str, ExportFormat]
-    make_drafter: Callable[[LoadedDraft], Drafter]
+    make_drafter: Callable[[LoadedDraft, DrafterOptions], Drafter]
 
     @property
     def spec(self) -> StrategySpec:

@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from specforge_lightning.algorithms import dflash, domino, eagle3
+from specforge_lightning.algorithms import dflash, domino, dspark, eagle3, peagle
 from specforge_lightning.algorithms.base import Algorithm, DraftLoadError
 from specforge_lightning.algorithms.draft_module import ALGORITHM_KEY
 from specforge_lightning.contracts import StrategySpec
 
-BUILTIN: tuple[Algorithm, ...] = (eagle3.ALGORITHM, dflash.ALGORITHM, domino.ALGORITHM)
+BUILTIN: tuple[Algorithm, ...] = (eagle3.ALGORITHM, dflash.ALGORITHM, domino.ALGORITHM, dspark.ALGORITHM, peagle.ALGORITHM)
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in BUILTIN}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 
@@ -108,8 +108,11 @@ def load_vocab_mapping(path: str | Path, vocab_size: int, draft_vocab_size: int)
         if draft_vocab_size != vocab_size:
             raise ValueError("a vocab mapping file is required when draft_vocab_size != vocab_size")
         return torch.zeros(vocab_size, dtype=torch.long), torch.ones(vocab_size, dtype=torch.bool)
-    tensors = load_file(str(path))
-    d2t, t2d = tensors["d2t"].long(), tensors["t2d"].bool()
+    try:
+        tensors = load_file(str(path))
+        d2t, t2d = tensors["d2t"].long(), tensors["t2d"].bool()
+    except (SafetensorError, OSError, KeyError) as e:
+        raise ValueError(f"vocab mapping {path}: not a d2t/t2d safetensors file ({e}); rerun prepare to rewrite it") from e
     if d2t.numel() != draft_vocab_size or t2d.numel() != vocab_size:
         raise ValueError(f"{path}: mapping sizes ({d2t.numel()}, {t2d.numel()}) != ({draft_vocab_size}, {vocab_size})")
     if not torch.equal(torch.nonzero(t2d).flatten(), d2t + torch.arange(draft_vocab_size)):

@@ -38,6 +38,7 @@ from specforge_lightning.callbacks.checkpoint_io import (
     link_atomic,
     read_record,
 )
+from specforge_lightning.callbacks.step_boundary import AfterOptimizerStep
 from specforge_lightning.files import is_temp_name, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 STEP_PATTERN = re.compile(r"^step-(\d+)\.ckpt$")
 
 
-class SpecForgeCheckpoint(ModelCheckpoint):
+class SpecForgeCheckpoint(AfterOptimizerStep, ModelCheckpoint):
     """Save every ``every_n_train_steps`` optimizer steps, keep the newest ``keep_last``, track the best.
 
     Best tracking runs on EVERY validation: a new best that lands between two
@@ -98,7 +99,6 @@ class SpecForgeCheckpoint(ModelCheckpoint):
         self.best_record: dict[str, Any] | None = None
         self.last_record: dict[str, Any] | None = None
         self._saved: dict[int, str] = {}  # step -> file name, saved by this process
-        self._step_at_batch_start = 0
         self._start_step = 0
         self._stop_saved = False
         self._warned_missing_metric = False
@@ -161,15 +161,9 @@ class SpecForgeCheckpoint(ModelCheckpoint):
         self._stop_saved = False
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step_at_batch_start = trainer.global_step
-
-    @override
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._skip(trainer) or trainer.global_step == self._step_at_batch_start:
-            return  # still accumulating: never save between micro-batches
+    def after_optimizer_step(self, trainer: L.Trainer) -> None:
+        if self._skip(trainer):
+            return
         step = trainer.global_step
         periodic = self.every_n_train_steps > 0 and step % self.every_n_train_steps == 0
         # Saving the final step here, not in on_train_end, keeps Lightning's loop state

@@ -20,13 +20,14 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
+
+from specforge_lightning.callbacks.step_boundary import AfterOptimizerStep
 
 log = logging.getLogger(__name__)
 
 
-class GracefulPreemption(Callback):
+class GracefulPreemption(AfterOptimizerStep):
     """Turn SIGTERM (or ``signals``) into a clean stop at the next optimizer step.
 
     Args:
@@ -44,7 +45,6 @@ class GracefulPreemption(Callback):
         self.requested = False
         self.stopped_at_step: int | None = None
         self._previous: dict[signal.Signals, Any] = {}
-        self._step_at_batch_start = 0
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True  # only a flag: no I/O, no collectives inside a signal handler
@@ -67,15 +67,7 @@ class GracefulPreemption(Callback):
         self._previous = {}
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step_at_batch_start = trainer.global_step
-
-    @override
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self._step_at_batch_start:
-            return  # mid-accumulation: the step is not done yet
+    def after_optimizer_step(self, trainer: L.Trainer) -> None:
         if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             self.requested = True
             self.stopped_at_step = trainer.global_step

@@ -14,6 +14,9 @@ Files next to the ledger (one stream per folder)::
     vocab_mapping.safetensors  d2t / t2d of the draft vocabulary
     producer_progress.json     next task position and published count, for restarts
     producer.lock              held while a producer runs (one producer per ledger)
+
+and in a shared-directory store's root ``owner.json``: the ledger whose stream owns the
+root (and the producer's host and pid), so a second stream cannot take it over.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,6 +35,7 @@ from typing import Any
 
 from specforge_lightning.contracts import SampleRef
 from specforge_lightning.control.ledger import Backpressure, Ledger
+from specforge_lightning.errors import UserError
 from specforge_lightning.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,19 @@ STREAM_VOCAB = "vocab_mapping.safetensors"
 PROGRESS = "producer_progress.json"
 LOCK = "producer.lock"
 STREAM_FORMAT = "specforge-stream"
+STORE_OWNER = "owner.json"
+
+
+class StreamMismatchError(UserError, ValueError):
+    """A stream manifest that is not one, or a producer announcing another stream on the same ledger."""
+
+
+class StreamTimeoutError(UserError, TimeoutError):
+    """No producer announced the stream in time."""
+
+
+class ProducerConflictError(UserError, RuntimeError):
+    """Another producer holds the ledger or the store root, or the ledger belongs to another producer's run."""
 
 
 def stream_file(ledger_path: str | Path, name: str) -> Path:
@@ -53,7 +72,7 @@ def write_stream_manifest(ledger_path: str | Path, manifest: Mapping[str, Any], 
     if existing is not None:
         for name in identity_fields:
             if existing.get(name) != manifest.get(name):
-                raise ValueError(
+                raise StreamMismatchError(
                     f"{path} announces a different stream ({name}: {existing.get(name)!r} there, "
                     f"{manifest.get(name)!r} now); use a fresh ledger folder for a different stream"
                 )
@@ -67,7 +86,7 @@ def read_stream_manifest(ledger_path: str | Path) -> dict[str, Any] | None:
         return None
     manifest = json.loads(path.read_text())
     if manifest.get("format") != STREAM_FORMAT:
-        raise ValueError(f"{path} is not a stream manifest (format={manifest.get('format')!r})")
+        raise StreamMismatchError(f"{path} is not a stream manifest (format={manifest.get('format')!r})")
     return manifest
 
 
@@ -79,7 +98,7 @@ def wait_stream_manifest(ledger_path: str | Path, timeout_s: float, poll_s: floa
         if manifest is not None:
             return manifest
         if time.monotonic() >= deadline:
-            raise TimeoutError(
+            raise StreamTimeoutError(
                 f"no {STREAM_MANIFEST} next to {ledger_path} after {timeout_s:.0f} s: "
                 "start the producer (python -m specforge_lightning produce --config ...) or check the path"
             )
@@ -95,11 +114,38 @@ def producer_lock(ledger_path: str | Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another producer is running on {ledger_path} (it holds {path})") from None
+            raise ProducerConflictError(f"another producer is running on {ledger_path} (it holds {path})") from None
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def claim_store_root(root: str | Path, ledger_path: str | Path) -> Path:
+    """Make ``root`` the store of the stream on ``ledger_path``; refuse a root another stream owns.
+
+    Two streams in one root free and overwrite each other's sample files. The owner file
+    names the ledger (and the producer's host and pid, for the message); the same ledger
+    (a restarted producer) takes it again. Returns the owner file.
+    """
+    owner = Path(root).resolve() / STORE_OWNER
+    owner.parent.mkdir(parents=True, exist_ok=True)
+    ledger = str(Path(ledger_path).resolve())
+    with open(owner.with_suffix(".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # two producers starting at once: one reads what the other wrote
+        try:
+            held = json.loads(owner.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            held = None
+        if held and held.get("ledger") != ledger:
+            raise ProducerConflictError(
+                f"store root {owner.parent} belongs to the stream of ledger {held.get('ledger')} (producer on "
+                f"{held.get('host')}, pid {held.get('pid')}; see {owner}), not to this producer's ledger {ledger}: two "
+                f"streams in one root delete each other's files. Give this stream its own store.root, or delete "
+                f"{owner} once that stream is finished and drained"
+            )
+        write_json_atomic(owner, {"ledger": ledger, "host": socket.gethostname(), "pid": os.getpid()})
+    return owner
 
 
 @dataclass(frozen=True)
@@ -148,7 +194,7 @@ class ProducerProgress:
         saved = self.read() or {"next_index": 0, "published": 0}
         extra = published_in_ledger - saved["published"]
         if extra not in (0, 1):
-            raise RuntimeError(
+            raise ProducerConflictError(
                 f"the ledger holds {published_in_ledger} refs but {self.path} says {saved['published']} were "
                 "published; this ledger was written by another producer or the progress file is stale"
             )

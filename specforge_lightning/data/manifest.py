@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from specforge_lightning.contracts import SCHEMA_VERSION, FeatureContext, SampleRef
+from specforge_lightning.errors import UserError
 from specforge_lightning.files import write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -46,8 +47,34 @@ STANDARD_FEATURES = ("input_ids", "loss_mask", "aux_hidden_states", "last_hidden
 OPTIONAL_FEATURES = ("target_top1",)  # older feature sets lack it
 
 
-class StreamSchemaError(ValueError):
+# What the target folder a run loads must still be: its weights, tokenizer and chat template.
+TARGET_FIELDS = ("target_weights_hash", "tokenizer_hash", "chat_template_hash")
+REPAIR_HINT = "rerun prepare with the same config (it repairs damaged shards)"
+
+
+class StreamSchemaError(UserError, ValueError):
     """A streamed sample does not match the stream's manifest (schema version, features, shapes, dtypes)."""
+
+
+class FeatureMismatchError(UserError, ValueError):
+    """Features (a prepared folder or a stream) are not what this run asks for; the message names the field."""
+
+
+class MissingFeaturesError(UserError, FileNotFoundError):
+    """A folder holds no complete prepared features, or some of its files are missing or damaged."""
+
+
+def check_identity(
+    existing: Mapping[str, Any], wanted: Mapping[str, Any], fields: Sequence[str], message: str
+) -> None:
+    """The one feature-identity check (prepare, the datamodules, producer and consumer).
+
+    Raises FeatureMismatchError with ``message`` formatted with ``diff`` (the first differing
+    field, both values) when a field of ``fields`` that ``wanted`` names differs.
+    """
+    diff = manifest_mismatch(existing, wanted, fields)
+    if diff:
+        raise FeatureMismatchError(message.replace("{diff}", diff))
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
@@ -58,7 +85,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise FeatureMismatchError(
+            f"{path} is not valid JSON ({e}); delete it and rerun prepare with the same config (good shards are kept)"
+        ) from e
 
 
 def write_manifest(directory: str | Path, manifest: Mapping[str, Any]) -> None:

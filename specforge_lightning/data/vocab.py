@@ -13,8 +13,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from specforge_lightning.data.manifest import REPAIR_HINT
+from specforge_lightning.errors import UserError
 from specforge_lightning.files import atomic_path
 
 
@@ -47,7 +50,32 @@ def save_vocab_mapping(path: str | Path, d2t: torch.Tensor, t2d: torch.Tensor) -
         save_file({"d2t": d2t.contiguous(), "t2d": t2d.contiguous()}, str(tmp))
 
 
+class VocabFileError(UserError, ValueError):
+    """A vocab mapping file is missing, not safetensors (e.g. a pickle put in its place) or lacks d2t/t2d."""
+
+
+def vocab_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a usable vocab mapping (read from its header only), or None."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except FileNotFoundError:
+        return "missing"
+    except (SafetensorError, OSError, ValueError) as e:
+        return f"not a safetensors file ({e})"
+    missing = sorted({"d2t", "t2d"} - keys)
+    return f"lacks tensors {missing}" if missing else None
+
+
+def check_vocab_file(path: str | Path, fix: str = f"{REPAIR_HINT} (it rewrites the file)") -> None:
+    """Refuse an unusable vocab mapping file, naming it (before a training run reads it)."""
+    problem = vocab_problem(path)
+    if problem:
+        raise VocabFileError(f"vocab mapping {path}: {problem}; {fix}")
+
+
 def load_vocab_mapping(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    check_vocab_file(path)
     tensors = load_file(str(path))
     d2t, t2d = tensors["d2t"], tensors["t2d"]
     if not torch.equal(torch.nonzero(t2d).flatten(), d2t + torch.arange(len(d2t))):

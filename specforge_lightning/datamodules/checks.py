@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 
 from specforge_lightning.contracts import StrategySpec
-from specforge_lightning.data.manifest import captured_features, manifest_mismatch
+from specforge_lightning.data.manifest import FeatureMismatchError, captured_features, check_identity
+from specforge_lightning.target.identity import check_target
 from specforge_lightning.target.layers import preset_or_spec, resolve_layer_ids
-from specforge_lightning.target.prepare import PrepareConfig
+from specforge_lightning.target.prepare_config import PrepareConfig
 
 # Manifest fields a run can check from its config alone (no target load needed).
 CONFIG_FIELDS = (
@@ -66,25 +68,41 @@ def check_features(
     ``where`` names the features in the message (e.g. ``features in outputs/x``).
     """
     if cfg is not None:
-        wanted = {k: v for k, v in asdict(cfg).items() if k in CONFIG_FIELDS}
-        diff = manifest_mismatch(manifest, wanted, CONFIG_FIELDS)
-        if diff:
-            raise ValueError(f"{where} do not match this run ({diff})")
+        # ``auto`` compares as what it resolves to on this machine, as prepare recorded it.
+        wanted = {k: v for k, v in asdict(cfg.resolved()).items() if k in CONFIG_FIELDS}
+        check_identity(manifest, wanted, CONFIG_FIELDS, f"{where} do not match this run ({{diff}})")
         _check_layer_ids(manifest, cfg, spec, where)
     if spec is None:
         return
     layers = list(manifest.get("layer_ids") or [])
     if spec.layer_count is not None and len(layers) != spec.layer_count:
-        raise ValueError(
+        raise FeatureMismatchError(
             f"{where} do not match this run (layer_count: the features hold {len(layers)} layers {layers}, "
             f"algorithm {spec.name!r} takes {spec.layer_count}); {FIX}"
         )
     missing = [name for name in spec.features if name not in captured_features(manifest)]
     if missing:
-        raise ValueError(
+        raise FeatureMismatchError(
             f"{where} do not match this run (features: captured {list(captured_features(manifest))}, "
             f"algorithm {spec.name!r} needs {missing} as well); use another output_dir"
         )
+
+
+def check_run(
+    manifest: Mapping[str, Any],
+    cfg: PrepareConfig | None,
+    spec: StrategySpec | None,
+    where: str,
+    target_dir: str | Path,
+    fix: str,
+) -> None:
+    """Everything a trainer checks before it uses features: ``check_features`` and the target it loads.
+
+    The target folder must hold the weights, tokenizer and chat template the features were
+    captured from (``target.identity.check_target``; ``fix`` ends that message).
+    """
+    check_features(manifest, cfg, spec, where)
+    check_target(manifest, target_dir, where, fix)
 
 
 def _check_layer_ids(manifest: Mapping[str, Any], cfg: PrepareConfig, spec: StrategySpec | None, where: str) -> None:
@@ -97,7 +115,7 @@ def _check_layer_ids(manifest: Mapping[str, Any], cfg: PrepareConfig, spec: Stra
     else:  # no trainer and no preset: nothing to compare
         return
     if list(manifest.get("layer_ids") or []) != wanted:
-        raise ValueError(
+        raise FeatureMismatchError(
             f"{where} do not match this run (layer_ids: prepared {manifest.get('layer_ids')!r}, "
             f"requested {wanted!r} from {source}); {FIX}"
         )

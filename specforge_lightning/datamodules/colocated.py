@@ -14,10 +14,11 @@ from typing import Any
 
 from specforge_lightning.contracts import FeatureContext, SampleRef, StrategySpec
 from specforge_lightning.data.manifest import (
+    IDENTITY_FIELDS,
     VOCAB_FILE,
     RefCheck,
+    check_identity,
     feature_context,
-    manifest_mismatch,
     read_manifest,
 )
 from specforge_lightning.data.stores.shards import write_shard
@@ -104,9 +105,10 @@ def _save_dir(save_dir: str | None, manifest: dict[str, Any], world: int, shuffl
     if save is not None:
         existing = read_manifest(save)
         if existing is not None:
-            diff = manifest_mismatch(existing, manifest)
-            if diff:
-                raise ValueError(f"{save} holds features captured differently ({diff}); pick another save_dir")
+            check_identity(
+                existing, manifest, IDENTITY_FIELDS,
+                f"{save} holds features captured differently ({{diff}}); pick another save_dir",
+            )
             if existing.get("complete"):
                 log.warning("%s already holds these features: FeatureDataModule can train on them offline", save)
                 save = None

@@ -15,16 +15,18 @@ from specforge_lightning.contracts import FeatureContext, SampleRef, StrategySpe
 from specforge_lightning.control.producer import ProducerProgress, stream_file, wait_stream_manifest
 from specforge_lightning.control.sqlite_ledger import SqliteLedger
 from specforge_lightning.data.ledger_stream import LocalComm, RankedLedgerStream, TorchComm
-from specforge_lightning.data.manifest import RefCheck, feature_context, read_manifest
+from specforge_lightning.data.manifest import MissingFeaturesError, RefCheck, feature_context, read_manifest
 from specforge_lightning.data.stores.shards import read_shard_index
 from specforge_lightning.data.stores.base import FeatureStore
 from specforge_lightning.data.stores.local import PreparedShardStore
 from specforge_lightning.data.stores.spec import StoreSpec, build_store
-from specforge_lightning.datamodules.checks import check_features
+from specforge_lightning.data.vocab import check_vocab_file
+from specforge_lightning.datamodules.checks import check_run
 from specforge_lightning.target.prepare import PrepareConfig
 from specforge_lightning.target.zoo import resolve_target
 
 log = logging.getLogger(__name__)
+TARGET_FIX = "restart the producer with this target on a fresh ledger folder (or restore the target's files)"
 
 
 @dataclass
@@ -57,13 +59,16 @@ def open_ledger(
 ) -> LedgerSetup:
     """Join the stream on ``ledger_path``; ``check_config``: compare ``cfg`` with the producer's manifest too."""
     manifest = wait_stream_manifest(ledger_path, manifest_timeout_s)
-    check_features(manifest, cfg if check_config else None, spec, f"the stream on {ledger_path}")
+    target_dir = resolve_target(manifest["target"], cfg.cache_dir)
+    where = f"the features of the stream on {ledger_path}"
+    check_run(manifest, cfg if check_config else None, spec, where, target_dir, TARGET_FIX)
     announced = manifest.get("stream", {})
     mine = {"epochs": epochs, "shuffle": shuffle, "seed": seed}
     if any(announced.get(k, v) != v for k, v in mine.items()):
         log.warning("the producer streams %s; this config says %s (the producer's choice wins)", announced, mine)
-    vocab_dir = stream_file(ledger_path, manifest["vocab_mapping"]).parent
-    context = feature_context(manifest, vocab_dir, resolve_target(manifest["target"], cfg.cache_dir))
+    vocab_file = stream_file(ledger_path, manifest["vocab_mapping"])
+    check_vocab_file(vocab_file, fix="the producer writes it: restart the producer on this ledger")
+    context = feature_context(manifest, vocab_file.parent, target_dir)
     comm = TorchComm() if world > 1 else LocalComm()
     ledger = SqliteLedger(ledger_path)
     store = build_store(store_spec, consume_once=False)
@@ -83,7 +88,7 @@ def _prepared_val(val_dir: str) -> tuple[FeatureStore, list[SampleRef]]:
     """The ``val`` split of a prepared features folder."""
     val_manifest = read_manifest(val_dir)
     if val_manifest is None or "val" not in val_manifest.get("splits", {}):
-        raise FileNotFoundError(f"val_dir {val_dir} holds no prepared val split (manifest.json)")
+        raise MissingFeaturesError(f"val_dir {val_dir} holds no prepared val split (manifest.json)")
     refs = [r for rel in val_manifest["splits"]["val"]["shards"] for r in read_shard_index(Path(val_dir) / rel)]
     return PreparedShardStore(val_dir), refs
 

@@ -17,13 +17,17 @@ import torch
 
 from specforge_lightning.contracts import FeatureContext, StrategySpec
 from specforge_lightning.data.loader import FeatureDataLoader
-from specforge_lightning.data.manifest import feature_context, read_manifest
-from specforge_lightning.data.stores.shards import read_shard_index
+from specforge_lightning.data.manifest import REPAIR_HINT, MissingFeaturesError, feature_context, read_manifest
 from specforge_lightning.data.stores.local import PreparedShardStore
-from specforge_lightning.datamodules.checks import check_features, trainer_rank, trainer_strategy_spec
+from specforge_lightning.data.stores.shards import damaged_shards, read_shard_index
+from specforge_lightning.data.vocab import check_vocab_file
+from specforge_lightning.datamodules.checks import check_run, trainer_rank, trainer_strategy_spec
 from specforge_lightning.datamodules.transform import SampleTransform
 from specforge_lightning.target.prepare import PrepareConfig, prepare
 from specforge_lightning.target.zoo import resolve_target
+
+
+TARGET_FIX = "prepare them again into another output_dir (or restore the target's files)"
 
 
 class FeatureDataModule(L.LightningDataModule):
@@ -53,6 +57,7 @@ class FeatureDataModule(L.LightningDataModule):
         self.feature_context: FeatureContext | None = None
         self._train_loader: FeatureDataLoader | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._checked: dict[str, Any] | None = None
 
     @property
     def features_dir(self) -> Path:
@@ -64,22 +69,32 @@ class FeatureDataModule(L.LightningDataModule):
             self._check(manifest)
             return
         if not self.auto_prepare:
-            raise FileNotFoundError(
+            raise MissingFeaturesError(
                 f"no complete prepared features in {self.features_dir}; run "
                 "`python -m specforge_lightning prepare` or set data.auto_prepare=true"
             )
         prepare(self.prepare_cfg, self._strategy_spec())
 
     def _check(self, manifest: dict[str, Any]) -> None:
-        check_features(manifest, self.prepare_cfg, self._strategy_spec(), f"features in {self.features_dir}")
+        if manifest == self._checked:  # prepare_data then setup: the target is hashed once
+            return
+        target_dir = resolve_target(manifest["target"], self.prepare_cfg.cache_dir)
+        where = f"features in {self.features_dir}"
+        check_run(manifest, self.prepare_cfg, self._strategy_spec(), where, target_dir, TARGET_FIX)
+        self._checked = manifest
 
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is not None:
             return
         manifest = read_manifest(self.features_dir)
         if manifest is None or not manifest.get("complete"):
-            raise FileNotFoundError(f"{self.features_dir} holds no complete prepared features (manifest.json)")
+            raise MissingFeaturesError(f"{self.features_dir} holds no complete prepared features (manifest.json)")
         self._check(manifest)
+        rels = [rel for info in manifest["splits"].values() for rel in info["shards"]]
+        damaged = damaged_shards(self.features_dir, rels)
+        if damaged:
+            raise MissingFeaturesError(f"{self.features_dir} has damaged shards {damaged}; {REPAIR_HINT}")
+        check_vocab_file(self.features_dir / manifest["vocab_mapping"])
         self.manifest = manifest
         self.store = PreparedShardStore(self.features_dir)
         self.refs = {

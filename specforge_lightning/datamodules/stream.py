@@ -35,11 +35,16 @@ from specforge_lightning.datamodules.checks import trainer_rank, trainer_strateg
 from specforge_lightning.datamodules.colocated import open_colocated
 from specforge_lightning.datamodules.ledger import open_ledger, producer_rate
 from specforge_lightning.datamodules.transform import SampleTransform
+from specforge_lightning.errors import UserError
 from specforge_lightning.target.colocated import ColocatedRefSource
 from specforge_lightning.target.prepare import PrepareConfig
 
 log = logging.getLogger(__name__)
 SOURCES = ("colocated", "ledger")
+
+
+class StreamConfigError(UserError, ValueError):
+    """The StreamDataModule's own arguments do not make a stream (unknown source, no ledger)."""
 
 
 class StreamAck(L.Callback):
@@ -109,9 +114,9 @@ class StreamDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+            raise StreamConfigError(f"source must be one of {SOURCES}, got {source!r}")
         if source == "ledger" and not ledger:
-            raise ValueError("source=ledger needs ledger=<path to the producer's ledger.sqlite>")
+            raise StreamConfigError("source=ledger needs ledger=<path to the producer's ledger.sqlite>")
         self.source = source
         self.prepare_cfg = prepare or PrepareConfig()
         self.prepare_given = prepare is not None

@@ -31,6 +31,7 @@ from torch import nn
 
 from specforge_lightning.algorithms.base import Drafter
 from specforge_lightning.algorithms.metrics import simulated_acceptance_length
+from specforge_lightning.runtime.progress import track
 from specforge_lightning.target.hooks import capture_layer_outputs, decoder_layers
 
 SPEEDUP_DEFINITION = (
@@ -236,30 +237,32 @@ def run_speculative_eval(
 
     per_prompt, traces = [], []
     tf_correct, tf_total = [0] * k, [0] * k
-    for index, prompt in enumerate(prompts):
-        reference, t_base = _timed(lambda: greedy_generate(plain, prompt, max_new_tokens, eos_ids), device)
-        trace, t_spec = _timed(
-            lambda: speculative_generate(hooked, drafter, prompt, k, max_new_tokens, eos_ids), device
-        )
-        traces.append(trace)
-        c, t = drafter.teacher_forced_counts(hooked, prompt, reference, k)
-        tf_correct = [a + b for a, b in zip(tf_correct, c)]
-        tf_total = [a + b for a, b in zip(tf_total, t)]
-        per_prompt.append(
-            {
-                "index": index,
-                "prompt_tokens": len(prompt),
-                "new_tokens": len(trace.output_ids),
-                "target_new_tokens": len(reference),
-                "verify_steps": trace.verify_steps,
-                "acceptance_length": trace.acceptance_length if trace.verify_steps else None,
-                "accepted_per_step": list(trace.matched),
-                "target_seconds": t_base,
-                "speculative_seconds": t_spec,
-                "identical_to_target": trace.output_ids == reference,
-                "output_ids": list(trace.output_ids),
-            }
-        )
+    with track(len(prompts), "evaluate") as bar:  # plain lines in a log, a bar on a TTY
+        for index, prompt in enumerate(prompts):
+            reference, t_base = _timed(lambda: greedy_generate(plain, prompt, max_new_tokens, eos_ids), device)
+            trace, t_spec = _timed(
+                lambda: speculative_generate(hooked, drafter, prompt, k, max_new_tokens, eos_ids), device
+            )
+            traces.append(trace)
+            c, t = drafter.teacher_forced_counts(hooked, prompt, reference, k)
+            tf_correct = [a + b for a, b in zip(tf_correct, c)]
+            tf_total = [a + b for a, b in zip(tf_total, t)]
+            per_prompt.append(
+                {
+                    "index": index,
+                    "prompt_tokens": len(prompt),
+                    "new_tokens": len(trace.output_ids),
+                    "target_new_tokens": len(reference),
+                    "verify_steps": trace.verify_steps,
+                    "acceptance_length": trace.acceptance_length if trace.verify_steps else None,
+                    "accepted_per_step": list(trace.matched),
+                    "target_seconds": t_base,
+                    "speculative_seconds": t_spec,
+                    "identical_to_target": trace.output_ids == reference,
+                    "output_ids": list(trace.output_ids),
+                }
+            )
+            bar.advance()
 
     rates, accepted, eligible = per_position_acceptance(traces, k)
     tf_acc = [c / t if t else 0.0 for c, t in zip(tf_correct, tf_total)]

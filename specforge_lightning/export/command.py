@@ -14,6 +14,7 @@ import torch
 
 from specforge_lightning.algorithms.base import DraftLoadError, LoadOptions
 from specforge_lightning.algorithms.registry import ALGORITHMS
+from specforge_lightning.errors import UserError
 from specforge_lightning.export.drafts import load_draft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,12 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target_dir", default=None, help="target folder for the embedding (default: the one recorded)")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow pickled objects beyond tensors (weights_only=False): only for your own checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that already holds files")
     return p
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a folder that already holds something (an earlier export, say) unless the user said so."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export: --output_dir {out} is a file, not a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise UserError(f"export: {out} is not empty (it holds {shown}); pick an empty folder or pass --overwrite")
 
 
 def main(args: Sequence[str] | None = None) -> None:
     ns = build_parser().parse_args(None if args is None else list(args))
     dtype = DTYPES[ns.dtype] if ns.dtype else None
+    check_output_dir(Path(ns.output_dir), ns.overwrite)  # before anything is read or written
     options = LoadOptions(target_dir=ns.target_dir, with_embedding=False, trusted=ns.trust_checkpoint)
     try:
         algorithm, loaded = load_draft(ns.ckpt_path, options)
@@ -52,7 +65,7 @@ def main(args: Sequence[str] | None = None) -> None:
                 raise DraftLoadError(f"{ns.ckpt_path}: no embedding found; pass --target_dir for an {ns.format} export")
         out = fmt.write(loaded, Path(ns.output_dir), dtype)
     except (DraftLoadError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"export: {e}") from None
+        raise UserError(f"export: {e}") from None
     print(
         f"exported {algorithm.name} {loaded.kind} {ns.ckpt_path} as {ns.format} to {out} "
         f"(target hidden {loaded.target_hidden_size}, draft vocab {loaded.draft_vocab_size}/{loaded.vocab_size}, "

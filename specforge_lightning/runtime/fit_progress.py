@@ -8,6 +8,7 @@ least every ``interval_s`` when its stream is not a TTY, and nothing on a TTY (L
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -15,6 +16,23 @@ from typing import Any, TextIO
 from lightning.pytorch.callbacks import Callback, Timer
 
 from specforge_lightning.runtime.progress import Heartbeat, format_duration, format_rate, is_tty
+
+
+INTERVAL_ENV = "SPECFORGE_PROGRESS_INTERVAL_S"
+
+
+def interval_from_env(default: float = 30.0) -> float:
+    """Seconds between plain fit lines: ``$SPECFORGE_PROGRESS_INTERVAL_S`` or ``default`` (tests set it small)."""
+    raw = os.environ.get(INTERVAL_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{INTERVAL_ENV}={raw!r}: give the seconds between progress lines, e.g. 30") from None
+    if not value >= 0:
+        raise ValueError(f"{INTERVAL_ENV}={raw!r}: must be >= 0")
+    return value
 
 
 class PlainProgressLogger(Callback):

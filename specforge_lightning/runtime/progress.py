@@ -108,7 +108,11 @@ class Heartbeat:
 
 
 class Tracker:
-    """One progress counter: a rich bar on a TTY, plain lines otherwise, nothing when disabled."""
+    """One progress counter: a rich bar on a TTY, plain lines otherwise, nothing when disabled.
+
+    ``stream`` defaults to stdout; ``enabled=False`` is silent (a caller's ``progress: false``);
+    ``plain`` forces (True) or forbids (False) plain lines whatever the stream is.
+    """
 
     def __init__(
         self,
@@ -187,18 +191,5 @@ class Tracker:
             self._beat = None
 
 
-def track(
-    total: float | None,
-    description: str,
-    *,
-    stream: TextIO | None = None,
-    interval_s: float = 30.0,
-    enabled: bool = True,
-    plain: bool | None = None,
-) -> Tracker:
-    """A context manager counting ``total`` items: ``with track(n, "capture") as t: t.advance(k)``.
-
-    ``stream`` defaults to stdout; ``enabled=False`` is silent (a caller's ``progress: false``);
-    ``plain`` forces (True) or forbids (False) plain lines whatever the stream is.
-    """
-    return Tracker(total, description, stream=stream, interval_s=interval_s, enabled=enabled, plain=plain)
+track = Tracker
+"""A context manager counting ``total`` items: ``with track(n, "capture") as t: t.advance(k)`` (the call sites' name)."""

@@ -7,19 +7,24 @@
 from __future__ import annotations
 
 from specforge_lightning.contracts import StrategySpec
+from specforge_lightning.errors import UserError
+
+
+class LayerChoiceError(UserError, ValueError):
+    """The configured layers (preset or ids) do not fit the target, or none were chosen."""
 
 
 def eagle3_layer_ids(num_layers: int) -> list[int]:
     """EAGLE3's low, middle and high layer: [1, N//2 - 1, N - 4]."""
     if num_layers < 5:
-        raise ValueError(f"EAGLE3 needs a target with at least 5 layers, got {num_layers}")
+        raise LayerChoiceError(f"EAGLE3 needs a target with at least 5 layers, got {num_layers}")
     return [1, num_layers // 2 - 1, num_layers - 4]
 
 
 def spread_layer_ids(num_layers: int, count: int) -> list[int]:
     """``count`` layers spread evenly between layer 1 and N-3 (the DFlash family's rule)."""
     if count < 1:
-        raise ValueError(f"need at least one layer, got {count}")
+        raise LayerChoiceError(f"need at least one layer, got {count}")
     if count == 1:
         return [num_layers // 2]
     return [round(1 + i * (num_layers - 4) / (count - 1)) for i in range(count)]
@@ -30,13 +35,13 @@ def resolve_layer_ids(preset: str, num_layers: int, layer_ids: list[int] | None 
     if layer_ids:
         bad = [i for i in layer_ids if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(f"layer ids {bad} are outside the target's {num_layers} layers")
+            raise LayerChoiceError(f"layer ids {bad} are outside the target's {num_layers} layers")
         return list(layer_ids)
     if preset == "eagle3":
         return eagle3_layer_ids(num_layers)
     if preset.startswith("spread:"):
         return spread_layer_ids(num_layers, int(preset.split(":", 1)[1]))
-    raise ValueError(f"unknown layer preset {preset!r}; use 'eagle3' or 'spread:<count>'")
+    raise LayerChoiceError(f"unknown layer preset {preset!r}; use 'eagle3' or 'spread:<count>'")
 
 
 def preset_or_spec(preset: str | None, spec: StrategySpec | None) -> str:
@@ -45,7 +50,7 @@ def preset_or_spec(preset: str | None, spec: StrategySpec | None) -> str:
         return preset
     if spec is not None:
         return spec.layer_preset
-    raise ValueError(
+    raise LayerChoiceError(
         "no target layers chosen: set data.init_args.prepare.layer_preset (e.g. 'eagle3' or 'spread:5') "
         "or data.init_args.prepare.layer_ids, or pass the algorithm's StrategySpec"
     )

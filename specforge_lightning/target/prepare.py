@@ -16,70 +16,42 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from specforge_lightning.contracts import SCHEMA_VERSION, PromptTask, StrategySpec
+from specforge_lightning.contracts import PromptTask, StrategySpec
 from specforge_lightning.data import corpus as corpus_lib
-from specforge_lightning.data.chat import template_hash, tokenize_conversation, tokenizer_hash
+from specforge_lightning.errors import UserError
+from specforge_lightning.data.chat import tokenize_conversation
 from specforge_lightning.data.manifest import (
+    IDENTITY_FIELDS,
     STANDARD_FEATURES,
     VOCAB_FILE,
-    manifest_mismatch,
+    MissingFeaturesError,
+    check_identity,
     read_manifest,
     write_manifest,
 )
-from specforge_lightning.data.stores.shards import ShardError, read_shard_index, write_shard
-from specforge_lightning.data.vocab import build_vocab_mapping, count_supervised_tokens, coverage, save_vocab_mapping
+from specforge_lightning.data.stores.shards import damaged_shards, shard_problem, write_shard
+from specforge_lightning.data.vocab import (
+    build_vocab_mapping,
+    count_supervised_tokens,
+    coverage,
+    save_vocab_mapping,
+    vocab_problem,
+)
+from specforge_lightning.runtime.progress import track
 from specforge_lightning.target.capture import has_nan
 from specforge_lightning.target.engine import HFTargetEngine
 from specforge_lightning.target.layers import planned_layer_ids
+from specforge_lightning.target.prepare_config import PrepareConfig
 from specforge_lightning.target.regenerate import prompt_ids, regenerate_tasks
-from specforge_lightning.target.zoo import resolve_target, weights_hash
-
-
-@dataclass
-class PrepareConfig:
-    """Everything that decides which features a prepared directory holds."""
-
-    output_dir: str = "outputs/features/eagle3-smollm2"
-    target: str = "smollm2-135m-instruct"
-    corpus: str = "sharegpt"
-    num_samples: int = 200
-    num_val_samples: int = 20
-    skip_samples: int = 0
-    max_length: int = 256
-    max_messages: int | None = None
-    train_only_last_turn: bool = False
-    # None: the algorithm's preset (StrategySpec.layer_preset); ``eagle3`` or ``spread:<count>``.
-    layer_preset: str | None = None
-    layer_ids: list[int] | None = None
-    draft_vocab_size: int = 8192
-    batch_size: int = 8
-    shard_size: int = 64
-    capture_dtype: str = "bfloat16"
-    compute_dtype: str = "bfloat16"
-    # Re-answer each first user turn with the target's own greedy reply (see target/regenerate.py).
-    regenerate: bool = False
-    regenerate_max_new_tokens: int = 192
-    regenerate_batch_size: int = 16
-    # How many train conversations get regenerated answers (None: all). The rest keep the corpus's
-    # own answers: they cost ~5x less per token (one capture pass, no generation), and their
-    # labels are still the target's own predictions. Validation is always regenerated.
-    regenerate_samples: int | None = None
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.regenerate_samples is not None and not self.regenerate:
-            raise ValueError("regenerate_samples needs regenerate: true")
-        if self.regenerate_samples is not None and not 0 <= self.regenerate_samples <= self.num_samples:
-            raise ValueError(
-                f"regenerate_samples must be between 0 and num_samples ({self.num_samples}), "
-                f"got {self.regenerate_samples}"
-            )
+from specforge_lightning.target.identity import feature_identity, load_tokenizer
+from specforge_lightning.target.zoo import resolve_target
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -88,6 +60,13 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}; use e.g. 'bfloat16' or 'float32'")
     return value
+
+
+NO_ASSISTANT = "no assistant turn"
+
+
+class CorpusTooSmall(UserError, ValueError):
+    """The corpus gave fewer usable conversations than requested; the message counts why the others were dropped."""
 
 
 @dataclass
@@ -104,16 +83,41 @@ class TaskPlan:
     corpus_end: int
 
 
-def _conversations(cfg: PrepareConfig, start: int | None = None):
-    """``(index, messages)`` from ``start`` (default ``skip_samples``) on, read in chunks, cut to ``max_messages``."""
+def _conversations(cfg: PrepareConfig, start: int | None = None, skipped: Counter | None = None):
+    """``(index, messages)`` from ``start`` (default ``skip_samples``) on, read in chunks, cut to ``max_messages``.
+
+    ``skipped["no assistant turn"]`` counts the conversations the corpus passed over for a lone user turn.
+    """
     position = cfg.skip_samples if start is None else start
     while True:
-        chunk = corpus_lib.load_conversations(cfg.corpus, limit=256, skip=position)
-        for messages in chunk:
+        shorts: list[int] = []
+        chunk = corpus_lib.load_conversations(cfg.corpus, limit=256, skip=position, short_before=shorts)
+        for messages, short in zip(chunk, shorts):
+            if skipped is not None:
+                skipped[NO_ASSISTANT] += short
             yield position, messages[: cfg.max_messages] if cfg.max_messages else messages
             position += 1
         if len(chunk) < 256:
+            if skipped is not None and len(shorts) > len(chunk):
+                skipped[NO_ASSISTANT] += shorts[len(chunk)]
             return
+
+
+def _drop_reason(messages, ids, mask, max_length: int) -> str:
+    """Why a conversation gave fewer than two supervised tokens (the keys of the corpus error)."""
+    if not any(m["role"] == "assistant" for m in messages):
+        return NO_ASSISTANT
+    if not any(mask) and len(ids) >= max_length:
+        return f"a first turn longer than max_length ({max_length} tokens)"
+    return "fewer than 2 supervised tokens"
+
+
+def _too_few(cfg: PrepareConfig, what: str, got: int, count: int, start: int, reasons: Counter) -> CorpusTooSmall:
+    why = ", ".join(f"{n} had {reason}" for reason, n in reasons.most_common() if n) or "the corpus ended"
+    return CorpusTooSmall(
+        f"corpus {cfg.corpus!r} gave only {got} usable {what}, {count} requested (from index {start}: {why}); "
+        "lower num_samples / num_val_samples, raise max_length, or use a larger corpus"
+    )
 
 
 def build_tasks(cfg: PrepareConfig, tokenizer, model=None, cache_file: Path | None = None) -> TaskPlan:
@@ -139,23 +143,27 @@ def build_tasks(cfg: PrepareConfig, tokenizer, model=None, cache_file: Path | No
 
 
 def _corpus_tasks(cfg: PrepareConfig, tokenizer, start: int, count: int) -> tuple[list[PromptTask], int, int]:
-    """``count`` conversations from corpus index ``start`` on, with their own answers: (tasks, dropped, end)."""
+    """``count`` conversations from corpus index ``start`` on, with their own answers: (tasks, dropped, end).
+
+    ``dropped`` counts the conversations passed over: too few supervised tokens, or no assistant turn at all.
+    """
     tasks: list[PromptTask] = []
-    dropped, end = 0, start
+    reasons: Counter = Counter()
+    end = start
     if count == 0:
-        return tasks, dropped, end
-    for index, messages in _conversations(cfg, start):
+        return tasks, 0, end
+    for index, messages in _conversations(cfg, start, reasons):
         end = index + 1
         ids, mask = tokenize_conversation(
             tokenizer, messages, cfg.max_length, train_only_last_turn=cfg.train_only_last_turn
         )
         if sum(mask) < 2:
-            dropped += 1
+            reasons[_drop_reason(messages, ids, mask, cfg.max_length)] += 1
             continue
         tasks.append(PromptTask(f"c{index:06d}", tuple(ids), tuple(mask), {"corpus": cfg.corpus}))
         if len(tasks) == count:
-            return tasks, dropped, end
-    raise ValueError(f"corpus {cfg.corpus!r} gave only {len(tasks)} usable conversations, {count} requested")
+            return tasks, sum(reasons.values()), end
+    raise _too_few(cfg, "conversations", len(tasks), count, start, reasons)
 
 
 def _regenerated(cfg: PrepareConfig, tokenizer, model, cache_file: Path | None, total: int):
@@ -164,7 +172,8 @@ def _regenerated(cfg: PrepareConfig, tokenizer, model, cache_file: Path | None, 
     # a few spares cover answers that come back (nearly) empty.
     wanted = total + max(4, total // 50)
     named, end = [], cfg.skip_samples
-    for index, messages in _conversations(cfg):
+    reasons: Counter = Counter()
+    for index, messages in _conversations(cfg, skipped=reasons):
         end = index + 1
         if prompt_ids(tokenizer, messages, cfg.max_length - 8) is not None:
             named.append((f"c{index:06d}", messages))
@@ -181,33 +190,12 @@ def _regenerated(cfg: PrepareConfig, tokenizer, model, cache_file: Path | None, 
     )
     usable = [t for t in tasks if t.num_supervised >= 2][:total]
     if len(usable) < total:
-        raise ValueError(f"corpus {cfg.corpus!r} gave only {len(usable)} usable regenerated answers, {total} requested")
-    return usable, (end - cfg.skip_samples) - len(usable), end
-
-
-def feature_identity(cfg: PrepareConfig, target_dir: Path, tokenizer, layer_ids: list[int]) -> dict[str, Any]:
-    """The manifest fields that define what the features ARE (see data.manifest.IDENTITY_FIELDS)."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "target": cfg.target,
-        "target_weights_hash": weights_hash(target_dir),
-        "layer_ids": layer_ids,
-        "capture_dtype": cfg.capture_dtype,
-        "max_length": cfg.max_length,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "chat_template_hash": template_hash(tokenizer),
-        "corpus": cfg.corpus,
-        "skip_samples": cfg.skip_samples,
-        "num_samples": cfg.num_samples,
-        "num_val_samples": cfg.num_val_samples,
-        "max_messages": cfg.max_messages,
-        "train_only_last_turn": cfg.train_only_last_turn,
-        "draft_vocab_size": cfg.draft_vocab_size,
-        "shard_size": cfg.shard_size,
-        "regenerate": cfg.regenerate,
-        "regenerate_max_new_tokens": cfg.regenerate_max_new_tokens if cfg.regenerate else None,
-        "regenerate_samples": cfg.regenerate_samples if cfg.regenerate else None,
-    }
+        reasons[f"a first turn longer than max_length - 8 ({cfg.max_length - 8} tokens) or no assistant turn"] += (
+            end - cfg.skip_samples - len(named)
+        )
+        reasons["an answer of fewer than 2 tokens"] += len(tasks) - len([t for t in tasks if t.num_supervised >= 2])
+        raise _too_few(cfg, "regenerated answers", len(usable), total, cfg.skip_samples, reasons)
+    return usable, (end - cfg.skip_samples) - len(usable) + reasons[NO_ASSISTANT], end
 
 
 def describe_features(identity, target_dir, tokenizer, hf_config, plan: TaskPlan, t2d) -> dict[str, Any]:
@@ -232,25 +220,38 @@ def describe_features(identity, target_dir, tokenizer, hf_config, plan: TaskPlan
 def prepare(cfg: PrepareConfig, spec: StrategySpec | None = None, *, progress: bool = True) -> dict[str, Any]:
     """Capture features for ``cfg``; restartable; returns the final manifest.
 
-    ``spec`` supplies the layer preset when ``cfg`` names no layers.
+    ``spec`` supplies the layer preset when ``cfg`` names no layers; ``auto`` dtypes are
+    decided for this machine first (the manifest records the result).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
+    cfg = cfg.resolved()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     target_dir = resolve_target(cfg.target, cfg.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    tokenizer = load_tokenizer(target_dir)
     hf_config = AutoConfig.from_pretrained(str(target_dir))
     layer_ids = planned_layer_ids(hf_config.num_hidden_layers, cfg.layer_preset, cfg.layer_ids, spec)
 
     identity = feature_identity(cfg, target_dir, tokenizer, layer_ids)
     existing = read_manifest(out)
+    repaired: list[str] = []
     if existing is not None:
-        diff = manifest_mismatch(existing, identity)
-        if diff:
-            raise ValueError(f"{out} holds features prepared differently ({diff}); use another output_dir")
+        check_identity(
+            existing, identity, IDENTITY_FIELDS, f"{out} holds features prepared differently ({{diff}}); use another output_dir"
+        )
         if existing.get("complete"):
-            return existing
+            damaged = _damaged(out, existing)
+            if not damaged:
+                return existing
+            if cfg.no_repair:
+                raise MissingFeaturesError(
+                    f"{out} is complete but has damaged files {damaged}; rerun prepare with the same config and "
+                    "no_repair: false to capture them again (nothing was changed)"
+                )
+            repaired = sorted(damaged)
+            for rel in repaired:
+                (out / rel).unlink(missing_ok=True)
 
     engine = None
     model = None
@@ -279,7 +280,7 @@ def prepare(cfg: PrepareConfig, spec: StrategySpec | None = None, *, progress: b
         for shard_index in range(num_shards):
             rel = f"{split}/shard_{shard_index:05d}.safetensors"
             shards.append(rel)
-            if _shard_is_complete(out / rel):
+            if _shard_is_complete(out / rel, repaired):
                 continue
             if engine is None:
                 engine = HFTargetEngine.from_path(
@@ -287,7 +288,7 @@ def prepare(cfg: PrepareConfig, spec: StrategySpec | None = None, *, progress: b
                 )
             chunk = tasks[shard_index * cfg.shard_size : (shard_index + 1) * cfg.shard_size]
             samples = _capture_chunk(engine, chunk, layer_ids, cfg.batch_size, stats, progress, rel)
-            write_shard(out / rel, samples, {"split": split, "target": cfg.target})
+            write_shard(out / rel, samples, {"split": split, "target": cfg.target})  # names the shard on ENOSPC
         manifest["splits"][split] = {
             "shards": shards,
             "num_samples": len(tasks),
@@ -298,30 +299,40 @@ def prepare(cfg: PrepareConfig, spec: StrategySpec | None = None, *, progress: b
     if stats["seconds"]:
         manifest["capture_tokens_per_s"] = round(stats["captured_tokens"] / stats["seconds"], 1)
     manifest["complete"] = True
+    if repaired:
+        manifest["repaired_shards"] = sorted(set(repaired))
+        print(f"repaired shards: {manifest['repaired_shards']}", flush=True)
     write_manifest(out, manifest)
     return manifest
 
 
-def _shard_is_complete(path: Path) -> bool:
+def _damaged(out: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """``{file: problem}`` for the shards and vocab mapping of a complete folder that are unusable (cheap)."""
+    rels = [rel for info in manifest.get("splits", {}).values() for rel in info.get("shards", [])]
+    damaged = damaged_shards(out, rels)
+    vocab = vocab_problem(out / manifest.get("vocab_mapping", VOCAB_FILE))
+    if vocab:
+        damaged[manifest.get("vocab_mapping", VOCAB_FILE)] = vocab
+    return damaged
+
+
+def _shard_is_complete(path: Path, repaired: list[str]) -> bool:
+    """Whether the shard is whole; a corrupt one is deleted (and listed in ``repaired``) to be captured again."""
     if not path.exists():
         return False
-    try:
-        read_shard_index(path)
+    if shard_problem(path) is None:
         return True
-    except ShardError:
-        path.unlink()  # half-written or corrupt: capture it again
-        return False
+    path.unlink()  # half-written or corrupt: capture it again
+    repaired.append(f"{path.parent.name}/{path.name}")
+    return False
 
 
 def _capture_chunk(engine, tasks, layer_ids, batch_size, stats, progress, label):
-    from rich.progress import Progress
-
     samples = []
     # Length-sorted batches waste less compute on padding; output order stays the task order.
     order = sorted(range(len(tasks)), key=lambda i: tasks[i].num_tokens)
     captured: dict[int, dict[str, torch.Tensor]] = {}
-    with Progress(disable=not progress, transient=True) as bar:
-        job = bar.add_task(f"capture {label}", total=len(tasks))
+    with track(len(tasks), f"capture {label}", enabled=progress) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             t0 = time.perf_counter()
@@ -333,7 +344,7 @@ def _capture_chunk(engine, tasks, layer_ids, batch_size, stats, progress, label)
                     stats["nan_skipped"] += 1
                     continue
                 captured[i] = f
-            bar.advance(job, len(idx))
+            bar.advance(len(idx))
     for i in range(len(tasks)):
         if i in captured:
             samples.append((tasks[i].task_id, captured[i]))

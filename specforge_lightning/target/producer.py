@@ -25,28 +25,26 @@ import torch
 
 from specforge_lightning.contracts import PromptTask, StrategySpec
 from specforge_lightning.control.producer import (
+    STREAM_MANIFEST,
     STREAM_VOCAB,
     ProducerProgress,
     Publisher,
+    claim_store_root,
     producer_lock,
+    read_stream_manifest,
     stream_file,
     write_stream_manifest,
 )
 from specforge_lightning.control.sqlite_ledger import SqliteLedger
 from specforge_lightning.data.loader import distributed_indices
-from specforge_lightning.data.manifest import IDENTITY_FIELDS
+from specforge_lightning.data.manifest import IDENTITY_FIELDS, check_identity
 from specforge_lightning.data.stores.spec import StoreSpec, build_store, put_with_retry
 from specforge_lightning.data.vocab import build_vocab_mapping, count_supervised_tokens, save_vocab_mapping
 from specforge_lightning.target.capture import capture_in_order, epoch_sample_ids
 from specforge_lightning.target.engine import HFTargetEngine, TargetEngine
 from specforge_lightning.target.layers import planned_layer_ids
-from specforge_lightning.target.prepare import (
-    PrepareConfig,
-    build_tasks,
-    describe_features,
-    feature_identity,
-    torch_dtype,
-)
+from specforge_lightning.target.identity import feature_identity, load_tokenizer
+from specforge_lightning.target.prepare import PrepareConfig, build_tasks, describe_features, torch_dtype
 from specforge_lightning.target.zoo import resolve_target
 
 log = logging.getLogger(__name__)
@@ -82,12 +80,14 @@ class StreamPlan:
 def plan_stream(cfg: PrepareConfig, spec: StrategySpec | None = None) -> StreamPlan:
     """Tasks, vocab mapping and manifest identity for ``cfg``, computed the way ``prepare`` computes them.
 
-    ``spec`` supplies the layer preset when ``cfg`` names no layers.
+    ``spec`` supplies the layer preset when ``cfg`` names no layers; ``auto`` dtypes are
+    decided for this machine first (the stream's manifest records the result).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
+    cfg = cfg.resolved()
     target_dir = resolve_target(cfg.target, cfg.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    tokenizer = load_tokenizer(target_dir)
     hf_config = AutoConfig.from_pretrained(str(target_dir))
     layer_ids = planned_layer_ids(hf_config.num_hidden_layers, cfg.layer_preset, cfg.layer_ids, spec)
     plan = build_tasks(cfg, tokenizer)
@@ -150,8 +150,17 @@ def run_producer(
     stop = stop or threading.Event()
     with producer_lock(ledger_path):
         plan = plan_stream(cfg.prepare, spec)
+        announced, existing = stream_manifest(cfg, plan), read_stream_manifest(ledger_path)
+        if existing is not None:
+            check_identity(
+                existing, announced, STREAM_IDENTITY_FIELDS,
+                f"{stream_file(ledger_path, STREAM_MANIFEST)} announces a different stream ({{diff}}); "
+                "use a fresh ledger folder for a different stream",
+            )
+        if cfg.store.kind == "shared_dir" and cfg.store.root:
+            claim_store_root(cfg.store.root, ledger_path)  # before the stream writes: a refusal changes nothing
         save_vocab_mapping(stream_file(ledger_path, STREAM_VOCAB), plan.d2t, plan.t2d)
-        write_stream_manifest(ledger_path, stream_manifest(cfg, plan), STREAM_IDENTITY_FIELDS)
+        write_stream_manifest(ledger_path, announced, STREAM_IDENTITY_FIELDS)
         ledger = SqliteLedger(ledger_path)
         store = None
         try:

@@ -17,6 +17,7 @@ import torch
 
 from specforge_lightning.contracts import PromptTask
 from specforge_lightning.files import write_text_atomic
+from specforge_lightning.runtime.progress import track
 
 
 def prompt_ids(tokenizer, messages: Sequence[dict], max_prompt_tokens: int) -> list[int] | None:
@@ -44,16 +45,13 @@ def greedy_responses(
     progress: bool = True,
 ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (left-padded batches of similar length)."""
-    from rich.progress import Progress
-
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
     device = next(model.parameters()).device
-    with Progress(disable=not progress, transient=True) as bar:
-        job = bar.add_task("regenerate answers with the target", total=len(prompts))
+    with track(len(prompts), "regenerate answers with the target", enabled=progress) as bar:
         for start in range(0, len(order), batch_size):
             _generate_batch(model, prompts, order[start : start + batch_size], out, max_new_tokens, eos_id, pad_id, device)
-            bar.advance(job, min(batch_size, len(order) - start))
+            bar.advance(min(batch_size, len(order) - start))
     return [o or [] for o in out]
 
 

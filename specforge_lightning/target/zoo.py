@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from specforge_lightning.errors import UserError
 from specforge_lightning.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,32 @@ def resolve_target(name_or_path: str, cache: str | Path | None = None) -> Path:
     raise ValueError(
         f"unknown target {name!r}: not a built-in name ({', '.join(KNOWN_TARGETS)}) and no such local folder"
     )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+class TargetFolderError(UserError, FileNotFoundError):
+    """A target folder lacks what loading it needs (tokenizer files, weights); the message names them."""
+
+
+def check_target_folder(folder: str | Path) -> None:
+    """Refuse a target folder without tokenizer files or safetensors weights, naming what is missing.
+
+    Loading such a folder otherwise ends deep in a tokenizer back-end error that names neither.
+    """
+    folder = Path(folder)
+    missing = []
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    if not any(folder.glob("*.safetensors")):
+        missing.append("weights (*.safetensors)")
+    if missing:
+        held = sorted(p.name for p in folder.iterdir())[:10] if folder.is_dir() else []
+        raise TargetFolderError(
+            f"target folder {folder} lacks {' and '.join(missing)}; it holds {held}. Point data.prepare.target at a "
+            "complete Hugging Face model folder (config.json, tokenizer, *.safetensors)"
+        )
 
 
 def load_target(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:

@@ -72,3 +72,19 @@ def test_publisher_pauses_above_high_and_resumes_below_low(tmp_path):
     thread.join()
     assert ProducerProgress(tmp_path / "l.sqlite").read() == {"next_index": 3, "published": 3}
     assert "published 3 refs" in pub.summary_line()
+
+
+def test_the_store_root_belongs_to_one_ledger_and_a_restart_takes_it_again(tmp_path):
+    import json
+
+    from specforge_lightning.control.producer import ProducerConflictError, claim_store_root
+
+    root, first, second = tmp_path / "store", tmp_path / "a" / "ledger.sqlite", tmp_path / "b" / "ledger.sqlite"
+    owner = claim_store_root(root, first)
+    held = json.loads(owner.read_text())
+    assert held["ledger"] == str(first.resolve()) and {"host", "pid"} <= set(held)
+    assert claim_store_root(root, first) == owner  # the same ledger: a restarted producer
+    with pytest.raises(ProducerConflictError) as err:
+        claim_store_root(root, second)
+    assert str(first.resolve()) in str(err.value) and str(second.resolve()) in str(err.value)
+    assert json.loads(owner.read_text())["ledger"] == str(first.resolve())

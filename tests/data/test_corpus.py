@@ -158,3 +158,30 @@ def test_bad_sources(tmp_path):
         load_conversations(str(broken))
     with pytest.raises(ValueError, match="skip and limit must be >= 0"):
         load_conversations(str(obj), skip=-1)
+
+
+def _jsonl(path: Path, convs: list[list[dict]]) -> str:
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    return str(path)
+
+
+def test_lone_user_turns_are_reported_per_conversation_and_at_the_end(tmp_path):
+    user = [{"role": "user", "content": "q"}]
+    pair = [*user, {"role": "assistant", "content": "a"}]
+    source = _jsonl(tmp_path / "c.jsonl", [user, pair, user, user, pair, user])
+    shorts: list[int] = []
+    assert len(load_conversations(source, short_before=shorts)) == 2
+    assert shorts == [1, 2, 1]  # before each kept one, then after the last
+    shorts = []
+    assert len(load_conversations(source, limit=1, skip=1, short_before=shorts)) == 1
+    assert shorts == [2]  # stopped early: nothing counted past the one returned
+
+
+def test_conversation_at_names_the_corpus_and_the_index(tmp_path):
+    user = [{"role": "user", "content": "q"}]
+    source = _jsonl(tmp_path / "c.jsonl", [user, user])
+    with pytest.raises(corpus.CorpusIndexError) as err:
+        corpus.conversation_at(source, 0)
+    message = str(err.value)
+    assert repr(source) in message and "index 0" in message and "2 more were passed over: they have no assistant turn" in message
+    assert isinstance(err.value, IndexError)

@@ -95,13 +95,14 @@ def test_evaluate_prompt_file_and_exported_folder_agree(setup, tmp_path):
     assert str(prompts) in a["settings"]["prompts"]
 
 
-def test_evaluate_refuses_a_foreign_checkpoint(setup, tmp_path):
+def test_evaluate_refuses_a_foreign_checkpoint(setup, tmp_path, capsys):
     _, config = setup
     bad = tmp_path / "foreign.ckpt"
     bad.write_text("not a checkpoint")
     with pytest.raises(SystemExit) as err:
         run(config, bad, tmp_path / "x.json")
-    assert str(bad) in str(err.value.code)
+    printed = capsys.readouterr().err
+    assert err.value.code == 2 and printed.startswith("error: evaluate: ") and str(bad) in printed
 
 
 def test_held_out_prompts_start_where_prepare_stopped_reading(setup, tmp_path):

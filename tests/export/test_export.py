@@ -98,7 +98,8 @@ def test_checkpoint_loads_like_the_module(ckpt):
 def test_sglang_export_config_and_tensor_names(ckpt, tmp_path):
     path, _ = ckpt
     out = tmp_path / "sglang"
-    cli.main(["export", "--ckpt_path", str(path), "--format", "sglang", "--output_dir", str(out)])
+    # float32 explicitly: the sglang default is bf16 (issue 18); this test checks names and a bit-exact reload
+    cli.main(["export", "--ckpt_path", str(path), "--format", "sglang", "--output_dir", str(out), "--dtype", "float32"])
     cfg = json.loads((out / "config.json").read_text())
     target_cfg = json.loads((resolve_target(TINY_LLAMA) / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["model_type"] == "llama"
@@ -154,7 +155,7 @@ def test_hf_export_reloads_bit_identical(ckpt, tmp_path):
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]  # also servable by SGLang
 
 
-def test_foreign_and_corrupt_checkpoints_name_the_file(ckpt, tmp_path):
+def test_foreign_and_corrupt_checkpoints_name_the_file(ckpt, tmp_path, capsys):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"this is not a checkpoint at all")
     other = tmp_path / "dflash.ckpt"  # another algorithm's Lightning checkpoint
@@ -170,7 +171,8 @@ def test_foreign_and_corrupt_checkpoints_name_the_file(ckpt, tmp_path):
         assert str(bad) in str(err.value)
         with pytest.raises(SystemExit) as exit_:
             cli.main(["export", "--ckpt_path", str(bad), "--format", "sglang", "--output_dir", str(tmp_path / "x")])
-        assert str(bad) in str(exit_.value.code)
+        printed = capsys.readouterr().err
+        assert exit_.value.code == 2 and printed.startswith("error: export: ") and str(bad) in printed
     assert "dflash" in str(pytest.raises(DraftLoadError, load_draft, other).value)
     assert not (tmp_path / "x").exists()
 
@@ -205,3 +207,21 @@ def test_checkpoint_with_pickled_objects_needs_trust(ckpt, tmp_path):
     assert str(path) in str(err.value)
     loaded = load_draft(path, trusted=True)
     assert torch.equal(loaded.draft.fc.weight, load_checkpoint(ckpt[0]).draft.fc.weight)
+
+
+def test_export_refuses_a_folder_that_holds_files_unless_overwrite(ckpt, tmp_path, capsys):
+    import hashlib
+
+    path, _ = ckpt
+    out = tmp_path / "sglang"
+    cli.main(["export", "--ckpt_path", str(path), "--format", "sglang", "--output_dir", str(out)])
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        cli.main(["export", "--ckpt_path", str(path), "--format", "sglang", "--output_dir", str(out), "--dtype", "bfloat16"])
+    printed = capsys.readouterr().err
+    assert err.value.code == 2 and str(out) in printed and "--overwrite" in printed and "config.json" in printed
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == before  # nothing lost
+    cli.main(["export", "--ckpt_path", str(path), "--format", "sglang", "--output_dir", str(out), "--dtype", "bfloat16",
+              "--overwrite"])
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -48,6 +48,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "configs/eagle3.yaml",
         [
             "--trainer.precision=32-true",
+            "--model.init_args.frozen_dtype=bfloat16",  # the recipe says auto: pinned, whatever this CPU has
             "--trainer.max_time=null",
             "--data.init_args.prefetch=0",
             "--data.init_args.prepare.num_samples=40",

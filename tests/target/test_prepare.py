@@ -92,3 +92,23 @@ def test_corrupt_shard_error_names_the_file(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ShardError, match="shard_00000"):
         read_shard_index(bad)
+
+
+def test_dropped_conversations_count_lone_user_turns_and_long_first_turns(tmp_path):
+    from specforge_lightning.target.identity import load_tokenizer
+    from specforge_lightning.target.prepare import build_tasks
+    from specforge_lightning.target.zoo import resolve_target
+
+    user = [{"role": "user", "content": "what is two plus two?"}]
+    pair = [*user, {"role": "assistant", "content": "four, and that is all there is to say"}]
+    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"messages": c}) + "\n" for c in [user, pair, long, user, pair]))
+    tokenizer = load_tokenizer(resolve_target("tiny-llama"))
+    plan = build_tasks(_cfg(tmp_path, corpus=str(corpus), num_samples=2, num_val_samples=0), tokenizer)
+    assert len(plan.train) == 2 and plan.dropped == 3  # two lone user turns and one too-long prompt
+    with pytest.raises(ValueError) as err:
+        build_tasks(_cfg(tmp_path, corpus=str(corpus), num_samples=3, num_val_samples=0), tokenizer)
+    message = str(err.value)
+    assert "gave only 2 usable conversations, 3 requested" in message
+    assert "2 had no assistant turn" in message and "1 had a first turn longer than max_length (64 tokens)" in message

@@ -168,7 +168,7 @@ ALGORITHM = Algorithm(
     owns_export=lambda cfg: cfg.get("specforge_format") == FORMAT,
     load_export=load_export,
     exports={"hf": ExportFormat(write=write_hf, description="toy folder")},
-    make_drafter=lambda loaded: ToyDrafter(loaded.draft),
+    make_drafter=lambda loaded, options: ToyDrafter(loaded.draft),
 )
 
 __all__ = ["ALGORITHM", "ToyDrafter", "ToyModule"]

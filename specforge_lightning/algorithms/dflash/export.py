@@ -8,7 +8,9 @@ target layer ids, plus our own ``draft_config`` and a format marker) and
 target folder. ``load_hf`` rebuilds the draft bit for bit.
 
 Each member of the family passes its own module, config and draft classes
-(:class:`BlockFamily`), so this base never names a subclass.
+(:class:`BlockFamily`), so this base never names a subclass. ``num_target_layers`` is the
+target's depth where it is known (read from the target folder); the SGLang folder is
+``dflash.sglang``'s.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ from typing import Any
 import lightning as L
 import torch
 
-from specforge_lightning.algorithms.base import Algorithm, DraftLoadError, Drafter, ExportFormat, LoadedDraft, LoadOptions
+from specforge_lightning.algorithms.base import Algorithm, DraftLoadError, DrafterOptions, Drafter, ExportFormat, LoadedDraft, LoadOptions
 from specforge_lightning.algorithms.dflash.model import DFlashConfig, DFlashDraft
+from specforge_lightning.algorithms.dflash.sglang import export_sglang, sglang_serve_hint
 from specforge_lightning.algorithms.export_files import context_essentials, read_weights, write_folder
+from specforge_lightning.algorithms.sglang_layers import target_depth
 
 FORMAT_PREFIX = "specforge_lightning."
 FORMAT_VERSION = 1
 FROZEN = ("embed_tokens.weight", "lm_head.weight")
-HF_CONTEXT_KEYS = ("target_id", "layer_ids", "hidden_size", "vocab_size", "capture_dtype", "max_length")
+HF_CONTEXT_KEYS = (
+    "target_id", "layer_ids", "hidden_size", "vocab_size", "capture_dtype", "max_length", "target_num_layers",
+)
 
 
 def export_hf(
@@ -41,12 +47,16 @@ def export_hf(
         v = v.to(dtype) if dtype is not None and v.is_floating_point() else v
         tensors[k] = v.contiguous().cpu().clone()  # a tied target shares one tensor between embedding and head
     config = draft.config.hf_config()
+    context = dict(context or {})
+    depth = target_depth(context)
+    if depth is not None:
+        config["num_target_layers"] = context["target_num_layers"] = depth
     config.update(
         specforge_format=FORMAT_PREFIX + algorithm,
         format_version=FORMAT_VERSION,
         algorithm=algorithm,
         draft_config=draft.config.to_dict(),
-        feature_context={k: v for k, v in (context or {}).items() if k in HF_CONTEXT_KEYS},
+        feature_context={k: v for k, v in context.items() if k in HF_CONTEXT_KEYS},
         torch_dtype=str(tensors["fc.weight"].dtype).removeprefix("torch."),
     )
     return write_folder(out_dir, config, tensors)
@@ -97,19 +107,35 @@ class BlockFamily:
         except (ValueError, KeyError, OSError, RuntimeError) as e:
             raise DraftLoadError(f"{path}: cannot rebuild the {self.name} draft ({e})") from e
         draft = module.draft.eval().requires_grad_(False)
-        return self.loaded(draft, str(path), "checkpoint", context_essentials(asdict(module.context)))
+        context = context_essentials(asdict(module.context))
+        if options.target_dir:  # the folder the user points at is the one exports check layer ids against
+            context["target_dir"] = str(options.target_dir)
+        return self.loaded(draft, str(path), "checkpoint", context)
 
     def owns_export(self, cfg: Mapping[str, Any]) -> bool:
         return cfg.get("specforge_format") == FORMAT_PREFIX + self.name
 
     def load_export(self, folder: Path, cfg: Mapping[str, Any], options: LoadOptions) -> LoadedDraft:
         draft = load_hf(folder, cfg, self.name, self.config_cls, self.draft_cls)
-        return self.loaded(draft, str(folder), "hf", context_essentials(cfg.get("feature_context") or {}))
+        stored = cfg.get("feature_context") or {}
+        context = context_essentials(stored)
+        if stored.get("target_num_layers"):
+            context["target_num_layers"] = int(stored["target_num_layers"])
+        if options.target_dir:
+            context["target_dir"] = str(options.target_dir)
+        return self.loaded(draft, str(folder), "hf", context)
 
     def write_hf(self, loaded: LoadedDraft, out_dir: Path, dtype: torch.dtype | None) -> Path:
         return export_hf(loaded.draft, out_dir, self.name, loaded.context, dtype)
 
-    def make_drafter(self, loaded: LoadedDraft) -> Drafter:
+    def write_sglang(self, loaded: LoadedDraft, out_dir: Path, dtype: torch.dtype | None) -> Path:
+        return export_sglang(loaded.draft, out_dir, self.name, loaded.context, dtype)
+
+    def serve_hint(self, loaded: LoadedDraft, out_dir: Path) -> str:
+        return sglang_serve_hint(out_dir)
+
+    def make_drafter(self, loaded: LoadedDraft, options: DrafterOptions = DrafterOptions()) -> Drafter:
+        options.refuse_unsupported(self.name)
         return self.drafter_cls(loaded.draft)
 
     def algorithm(self) -> Algorithm:
@@ -120,7 +146,13 @@ class BlockFamily:
             load_checkpoint=self.load_checkpoint,
             owns_export=self.owns_export,
             load_export=self.load_export,
-            exports={"hf": ExportFormat(write=self.write_hf, description="self-contained folder (frozen embedding and head)")},
+            exports={
+                "hf": ExportFormat(write=self.write_hf, description="self-contained folder (frozen embedding and head)"),
+                "sglang": ExportFormat(
+                    write=self.write_sglang, serve_hint=self.serve_hint,
+                    description="servable by SGLang's DFlashDraftModel, bf16, no embedding or head",
+                ),
+            },
             make_drafter=self.make_drafter,
         )
 

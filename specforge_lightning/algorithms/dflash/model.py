@@ -109,7 +109,11 @@ class DFlashConfig(DraftConfigDict):
         )
 
     def hf_config(self) -> dict[str, Any]:
-        """A Qwen3-style ``config.json`` with the upstream DFlash keys (``dflash_config``, ``block_size``, ...)."""
+        """A Qwen3-style ``config.json`` with the upstream DFlash keys (``dflash_config``, ``block_size``, ...).
+
+        ``num_target_layers`` here is the number of captured layers; the exporters, which know the
+        target, overwrite it with the TARGET's depth, as SGLang and upstream read it.
+        """
         return {
             "architectures": ["DFlashDraftModel"],
             "model_type": "qwen3",

@@ -19,7 +19,7 @@ on any world size. Validation uses step -1: fixed anchors per sample.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -116,7 +116,8 @@ class DFlashModule(LazyDraftModule):
         loss_decay_gamma: position decay ``exp(-(j-1)/γ)`` for the CE loss (None = off; recipes 7.0).
         dpace_alpha: D-PACE α.
         mask_token_id: MASK id; None resolves it from the target's tokenizer (reference §4.7).
-        qk_norm: per-head q/k RMSNorm; None follows the target (on for Qwen3).
+        qk_norm: per-head q/k RMSNorm (on by default: SGLang's DFlashDraftModel always applies it);
+            None follows the target's model type (on for Qwen3 only).
         anchor_seed: seed of the anchor draws (with the step and the sample id).
         objective_chunk_rows: scored rows whose full-vocab logits exist at once (0 = all).
         lr, weight_decay, betas, warmup_ratio, min_lr_ratio: AdamW + warmup/cosine per optimizer step.
@@ -143,7 +144,7 @@ class DFlashModule(LazyDraftModule):
         loss_decay_gamma: float | None = None,
         dpace_alpha: float = 0.5,
         mask_token_id: int | None = None,
-        qk_norm: bool | None = None,
+        qk_norm: bool | None = True,
         anchor_seed: int = 0,
         objective_chunk_rows: int = 2048,
         lr: float = 6e-4,
@@ -273,8 +274,23 @@ class DFlashModule(LazyDraftModule):
         return out.numerator  # normalised by the global denominator in on_before_optimizer_step
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        total = self.trainer.strategy.reduce(self._den_accum.to(self.device), reduce_op="sum")
-        scale = self.trainer.world_size * self.trainer.accumulate_grad_batches / total.clamp_min(1e-12)
+        trainer = self.trainer
+        self.normalize_gradients(
+            optimizer, trainer.world_size, trainer.accumulate_grad_batches,
+            lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+        )
+
+    def normalize_gradients(
+        self, optimizer: torch.optim.Optimizer, world_size: int, accumulate: int,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Scale the step's gradients by ``W·A / D`` (module docstring), once after its last backward.
+
+        The one home of the rescale: the Trainer reaches it through ``on_before_optimizer_step``, a
+        hand-written loop calls it directly; ``reduce_sum`` sums a tensor over all ranks.
+        """
+        total = reduce_sum(self._den_accum.to(self.device))
+        scale = world_size * accumulate / total.clamp_min(1e-12)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:

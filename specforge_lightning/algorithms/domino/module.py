@@ -48,7 +48,7 @@ class DominoModule(DFlashModule):
         num_anchors: int = 512,
         loss_decay_gamma: float | None = None,
         mask_token_id: int | None = None,
-        qk_norm: bool | None = None,
+        qk_norm: bool | None = True,
         anchor_seed: int = 0,
         objective_chunk_rows: int = 2048,
         emb_dim: int = 256,

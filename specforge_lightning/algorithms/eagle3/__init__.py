@@ -1,6 +1,6 @@
 """EAGLE3: a one-layer draft on the target's captured hidden states, trained with TTT."""
 
-from specforge_lightning.algorithms.base import Algorithm, ExportFormat, LoadedDraft
+from specforge_lightning.algorithms.base import Algorithm, DrafterOptions, ExportFormat, LoadedDraft
 from specforge_lightning.algorithms.eagle3 import loading
 from specforge_lightning.algorithms.eagle3.drafter import Eagle3Drafter
 from specforge_lightning.algorithms.eagle3.export import sglang_serve_hint, write_hf, write_sglang
@@ -15,7 +15,8 @@ from specforge_lightning.algorithms.eagle3.model import Eagle3Cache, Eagle3Confi
 from specforge_lightning.algorithms.eagle3.module import Eagle3Module
 
 
-def _drafter(loaded: LoadedDraft) -> Eagle3Drafter:
+def _drafter(loaded: LoadedDraft, options: DrafterOptions = DrafterOptions()) -> Eagle3Drafter:
+    options.refuse_unsupported("eagle3")
     return Eagle3Drafter(loaded.draft)
 
 

@@ -8,10 +8,16 @@ SGLang's ``LlamaForCausalLMEagle3`` reads ``config.json`` (architecture, shapes,
 the target. The hf folder is the SGLang folder plus the token embedding and, in
 ``config.json``, a format marker, our ``Eagle3Config`` and the essentials of the
 FeatureContext; it reloads into ``Eagle3Draft`` bit for bit (``eagle3.loading``).
+
+The SGLang folder is bf16 by default (SGLang's ``--dtype auto`` would turn a float32 draft into
+float16), its aux layer ids are in SGLang's capture order (``fc`` blocks permuted to match, see
+``algorithms.sglang_layers``) and also at top level, where vLLM's EAGLE3 path reads them.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +25,18 @@ import torch
 
 from specforge_lightning.algorithms.base import LoadedDraft
 from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft
-from specforge_lightning.algorithms.export_files import write_folder
+from specforge_lightning.algorithms.export_files import CONFIG_FILE, write_folder
+from specforge_lightning.algorithms.sglang_layers import (
+    SGLANG_DEFAULT_DTYPE,
+    capture_order,
+    dtype_name,
+    permute_blocks,
+    target_depth,
+)
 
 HF_FORMAT = "specforge_lightning.eagle3"  # the marker an hf export writes into config.json
 HF_FORMAT_VERSION = 1
+TRAINED_STEPS_KEY = "specforge_ttt_length"  # the TTT unroll the draft was trained with (serve hint)
 EMBEDDING = "embed_tokens.weight"
 REQUIRED_TENSORS = (
     "fc.weight",
@@ -73,10 +87,27 @@ def export_tensors(draft: Eagle3Draft, dtype: torch.dtype | None, include_embedd
     return out
 
 
-def export_sglang(draft: Eagle3Draft, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write an SGLang-servable EAGLE3 draft folder (no embedding); ``dtype`` None keeps the training dtype."""
-    tensors = export_tensors(draft, dtype, include_embedding=False)
-    return write_folder(out_dir, sglang_config(draft.config, tensors["fc.weight"].dtype), tensors)
+def export_sglang(
+    draft: Eagle3Draft, out_dir: str | Path, dtype: torch.dtype | None = None, context: Mapping[str, Any] | None = None
+) -> Path:
+    """Write an SGLang-servable EAGLE3 draft folder (no embedding); ``dtype`` None means bf16.
+
+    ``context`` (the draft's FeatureContext essentials) gives the target's depth, to refuse a
+    layer SGLang cannot capture, and the trained TTT length, kept for the serve hint.
+    """
+    context = dict(context or {})
+    c = draft.config
+    tensors = export_tensors(draft, dtype or SGLANG_DEFAULT_DTYPE, include_embedding=False)
+    config = sglang_config(c, tensors["fc.weight"].dtype)
+    if c.aux_layer_ids:
+        order = capture_order(c.aux_layer_ids, target_depth(context), "eagle3 draft")
+        tensors["fc.weight"] = permute_blocks(tensors["fc.weight"], order)
+        ids = [int(c.aux_layer_ids[i]) for i in order]
+        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": ids}
+        config["eagle_aux_hidden_state_layer_ids"] = ids  # vLLM's EAGLE3 path reads the top-level key
+    if context.get("ttt_length"):
+        config[TRAINED_STEPS_KEY] = int(context["ttt_length"])
+    return write_folder(out_dir, config, tensors)
 
 
 def export_hf(
@@ -96,7 +127,7 @@ def export_hf(
 
 
 def write_sglang(loaded: LoadedDraft, out_dir: Path, dtype: torch.dtype | None) -> Path:
-    return export_sglang(loaded.draft, out_dir, dtype)
+    return export_sglang(loaded.draft, out_dir, dtype, loaded.context)
 
 
 def write_hf(loaded: LoadedDraft, out_dir: Path, dtype: torch.dtype | None) -> Path:
@@ -104,10 +135,19 @@ def write_hf(loaded: LoadedDraft, out_dir: Path, dtype: torch.dtype | None) -> P
 
 
 def sglang_serve_hint(loaded: LoadedDraft, out_dir: Path) -> str:
+    """The launch command for the folder just written: its dtype, and no more draft steps than trained."""
+    cfg = json.loads((Path(out_dir) / CONFIG_FILE).read_text())
+    trained = cfg.get(TRAINED_STEPS_KEY)
+    steps = int(trained) if trained else 3
+    ids = cfg.get("eagle_aux_hidden_state_layer_ids")
+    layers = f"aux layers {ids} (output of target layer i; config order = SGLang's capture order)" if ids else (
+        "aux layers: SGLang's default [1, N//2-1, N-4]"
+    )
+    note = f"trained TTT {trained}" if trained else "trained TTT length unknown: keep steps <= the fit's ttt_length"
     return (
         "serve: python -m sglang.launch_server --model-path <target> --speculative-algorithm EAGLE3 "
-        f"--speculative-draft-model-path {out_dir} --speculative-num-steps 3 --speculative-eagle-topk 1 "
-        "--speculative-num-draft-tokens 4"
+        f"--speculative-draft-model-path {out_dir} --speculative-num-steps {steps} --speculative-eagle-topk 1 "
+        f"--speculative-num-draft-tokens {steps + 1} --dtype {cfg.get('torch_dtype', 'bfloat16')}  # {note}; {layers}"
     )
 
 
@@ -116,6 +156,7 @@ __all__ = [
     "HF_FORMAT",
     "HF_FORMAT_VERSION",
     "REQUIRED_TENSORS",
+    "TRAINED_STEPS_KEY",
     "export_hf",
     "export_sglang",
     "export_tensors",

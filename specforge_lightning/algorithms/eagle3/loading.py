@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from specforge_lightning.algorithms.base import DraftLoadError, LoadedDraft, LoadOptions
-from specforge_lightning.algorithms.eagle3.export import EMBEDDING, HF_FORMAT, HF_FORMAT_VERSION
+from specforge_lightning.algorithms.eagle3.export import EMBEDDING, HF_FORMAT, HF_FORMAT_VERSION, TRAINED_STEPS_KEY
 from specforge_lightning.algorithms.eagle3.model import Eagle3Config, Eagle3Draft
 from specforge_lightning.algorithms.export_files import context_essentials, read_weights
 from specforge_lightning.algorithms.target_weights import load_target_tensors
@@ -87,7 +87,13 @@ def load_checkpoint(path: Path, ckpt: Mapping[str, Any], options: LoadOptions) -
         raise DraftLoadError(f"{path}: the stored EAGLE3 draft config is invalid ({e})") from e
     state = {k[len(DRAFT_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(DRAFT_PREFIX)}
     context = dict(meta.get("feature_context") or {})
-    loaded = _loaded(_build(config, state, str(path)), str(path), "checkpoint", context_essentials(context))
+    kept = context_essentials(context)
+    if options.target_dir:  # the folder the user points at is the one exports check layer ids against
+        kept["target_dir"] = str(options.target_dir)
+    ttt = (ckpt.get("hyper_parameters") or {}).get("ttt_length")
+    if ttt:
+        kept["ttt_length"] = int(ttt)  # the serve hint drafts no more steps than were trained
+    loaded = _loaded(_build(config, state, str(path)), str(path), "checkpoint", kept)
     if options.with_embedding:
         attach_embedding(loaded, options.target_dir or context.get("target_dir", ""))
     return loaded
@@ -134,6 +140,10 @@ def load_export(folder: Path, cfg: Mapping[str, Any], options: LoadOptions) -> L
         config, context, kind = Eagle3Config.from_dict(cfg["draft_config"]), dict(cfg.get("feature_context", {})), "hf"
     else:
         config, context, kind = config_from_sglang(cfg, options.target_dir), {}, "sglang"
+        if cfg.get(TRAINED_STEPS_KEY):
+            context["ttt_length"] = int(cfg[TRAINED_STEPS_KEY])
+        if options.target_dir:
+            context["target_dir"] = str(options.target_dir)
     tensors = read_weights(folder)
     emb = tensors.pop(EMBEDDING, None)
     if "t2d" not in tensors and "d2t" in tensors:  # SGLang ignores t2d; third-party folders may omit it

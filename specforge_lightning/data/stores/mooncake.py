@@ -73,6 +73,7 @@ class MooncakeFeatureStore(FeatureStore):
         local_hostname: str = "127.0.0.1",
         consume_once: bool = True,
         remember: int = 100_000,
+        connect_timeout_s: float = 10.0,
     ) -> None:
         if 0 < segment_bytes < MIN_SEGMENT_BYTES:
             raise ValueError(f"segment_bytes must be 0 or >= {MIN_SEGMENT_BYTES} (Mooncake's minimum): {segment_bytes}")
@@ -87,6 +88,7 @@ class MooncakeFeatureStore(FeatureStore):
             protocol=protocol,
             rdma_devices=rdma_devices,
             local_hostname=local_hostname,
+            connect_timeout_s=connect_timeout_s,
         )
         self.prefix = prefix
         self.master_address = master_address

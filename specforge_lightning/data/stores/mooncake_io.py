@@ -10,6 +10,8 @@ bounded by ``local_buffer_bytes``.
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ import torch
 
 from specforge_lightning.contracts import FeatureSpec
 from specforge_lightning.data.stores.base import FeatureStoreError
+from specforge_lightning.errors import UserError
 
 ALIGN = 64  # byte alignment of tensors packed into the staging buffer
 MIN_SEGMENT_BYTES = 16 << 20  # Mooncake refuses to mount a smaller segment
@@ -75,6 +78,46 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+class MooncakeConnectError(UserError, FeatureStoreError):
+    """No Mooncake master (or metadata server) answers at the configured address."""
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port`` or ``http://host:port/...``; None when it names no TCP port."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.split("/", 1)[0].rpartition(":")
+    return (host.strip("[]"), int(port)) if sep and port.isdigit() else None
+
+
+def wait_reachable(master_address: str, metadata_server: str, timeout_s: float) -> None:
+    """Fail within ``timeout_s`` when nothing listens at the master (or an HTTP metadata server).
+
+    Mooncake's own setup retries for ~100 s and ends in ``rc=-1 (mooncake error)``; a plain
+    TCP connect, retried until the deadline (a master may be starting), says what is missing.
+    """
+    deadline = time.monotonic() + timeout_s
+    targets = [("master", master_address, f"metadata {metadata_server}")]
+    if metadata_server.startswith("http"):
+        targets.append(("metadata server", metadata_server, f"master {master_address}"))
+    for what, address, other in targets:
+        hp = _host_port(address)
+        if hp is None:
+            continue
+        while True:
+            try:
+                with socket.create_connection(hp, timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                    break
+            except OSError as e:
+                if time.monotonic() >= deadline:
+                    raise MooncakeConnectError(
+                        f"no Mooncake {what} at {address} ({other}; {e.strerror or e} for {timeout_s:g} s): "
+                        "start mooncake_master"
+                        f"{' with --enable_http_metadata_server' if what != 'master' else ''} there, or fix "
+                        "store.master_address / store.metadata_server (store.connect_timeout_s bounds this wait)"
+                    ) from None
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
 @dataclass
 class Connection:
     """A set-up Mooncake client, its hard-pinned replicate config and its staging buffer (None: bytes API only)."""
@@ -94,8 +137,13 @@ def connect(
     protocol: str,
     rdma_devices: str,
     local_hostname: str,
+    connect_timeout_s: float = 10.0,
 ) -> Connection:
-    """Set up a ``MooncakeDistributedStore`` client and register a staging buffer of ``staging_bytes``."""
+    """Set up a ``MooncakeDistributedStore`` client and register a staging buffer of ``staging_bytes``.
+
+    The master must answer within ``connect_timeout_s`` (see :func:`wait_reachable`).
+    """
+    wait_reachable(master_address, metadata_server, connect_timeout_s)
     # Without this the transfer engine advertises the machine's external address.
     os.environ.setdefault("MC_TCP_BIND_ADDRESS", local_hostname)
     try:
@@ -110,7 +158,7 @@ def connect(
         local_hostname, metadata_server, segment_bytes, local_buffer_bytes, protocol, rdma_devices, master_address
     )
     if rc != 0:
-        raise FeatureStoreError(
+        raise MooncakeConnectError(
             f"Mooncake setup failed ({explain(rc)}): master {master_address}, metadata {metadata_server}"
         )
     config = ReplicateConfig()

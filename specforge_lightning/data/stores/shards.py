@@ -8,6 +8,7 @@ single tensor byte.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from specforge_lightning.contracts import FeatureSpec, SampleRef
 from specforge_lightning.data.stores.base import FeatureStoreError, num_tokens_of
+from specforge_lightning.errors import UserError
 from specforge_lightning.files import atomic_path
 
 SHARD_FORMAT = "specforge-shard"
@@ -49,6 +51,18 @@ _DTYPES = {
 
 class ShardError(FeatureStoreError):
     """A shard file is missing, truncated, corrupt or not a specforge shard; the message names it."""
+
+
+class ShardWriteError(UserError, ShardError):
+    """A shard could not be written for a reason of the machine's (the disk is full); the message names it."""
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC, raised as OSError or wrapped in a safetensors error (``code: 28``, ``StorageFull``)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    return isinstance(error, SafetensorError) and ("code: 28" in text or "StorageFull" in text)
 
 
 def shard_uri(path: str | Path, sample_id: str) -> str:
@@ -126,7 +140,15 @@ def write_shard(
             tensors[f"{sample_id}/{name}"] = t
         index.append({"sample_id": sample_id, "num_tokens": num_tokens_of(features)})
     header = {"format": SHARD_FORMAT, "schema_version": SHARD_SCHEMA_VERSION, "samples": json.dumps(index), **extra}
-    atomic_save(tensors, path, header)
+    try:
+        atomic_save(tensors, path, header)
+    except (OSError, SafetensorError) as e:
+        if not _disk_full(e):
+            raise
+        raise ShardWriteError(
+            f"no space left on the device writing shard {path} ({e}); free space under {Path(path).parent} "
+            "or set output_dir elsewhere, then rerun prepare with the same config (finished shards are kept)"
+        ) from e
 
 
 def open_shard(path: str | Path) -> Any:
@@ -200,6 +222,30 @@ def read_shard_index(path: str | Path) -> list[SampleRef]:
             )
         )
     return refs
+
+
+def shard_problem(path: str | Path) -> str | None:
+    """Why the shard at ``path`` is unusable (missing, empty, truncated, bad header), or None.
+
+    Cheap: the size and the header only, no tensor byte is read (safetensors checks that
+    the header's offsets fit the file, so a cut-off tail is caught too).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "empty"
+        read_shard_index(path)
+    except FileNotFoundError:
+        return "missing"
+    except (ShardError, OSError) as e:
+        return str(e)
+    return None
+
+
+def damaged_shards(root: str | Path, rels: Sequence[str]) -> dict[str, str]:
+    """``{relative path: problem}`` for the shards of ``rels`` (under ``root``) that are unusable."""
+    problems = {rel: shard_problem(Path(root) / rel) for rel in rels}
+    return {rel: why for rel, why in problems.items() if why is not None}
 
 
 def read_tensors(path: Path, handle: Any, keys: Mapping[str, str]) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError
 from specforge_lightning.data.stores.local import nbytes_of
 from specforge_lightning.data.stores.mooncake import MooncakeFeatureStore
 from specforge_lightning.data.stores.shared_dir import SharedDirFeatureStore
+from specforge_lightning.errors import UserError
 
 
 @dataclass
@@ -47,13 +48,19 @@ class StoreSpec:
     producer_segment_bytes: int = 256 << 20
     local_buffer_bytes: int = 64 << 20
     staging_bytes: int = 16 << 20
+    # How long a Mooncake client waits for its master to answer before it names the address and stops.
+    connect_timeout_s: float = 10.0
+
+
+class StoreConfigError(UserError, ValueError):
+    """The ``store`` section cannot open a store (missing root or addresses, unknown kind); it names the field."""
 
 
 def build_store(spec: StoreSpec, *, consume_once: bool, producer: bool = False) -> FeatureStore:
     """Open the store ``spec`` names. Trainers use ``consume_once=False`` and free after the durable ack."""
     if spec.kind == "shared_dir":
         if not spec.root:
-            raise ValueError("store.kind=shared_dir needs store.root (a folder the producer and trainers share)")
+            raise StoreConfigError("store.kind=shared_dir needs store.root (a folder the producer and trainers share)")
         token = spec.token or os.environ.get(spec.token_env) or None
         return SharedDirFeatureStore(
             spec.root, consume_once=consume_once, max_resident_bytes=spec.max_resident_bytes, token=token
@@ -62,7 +69,7 @@ def build_store(spec: StoreSpec, *, consume_once: bool, producer: bool = False) 
         master = spec.master_address or os.environ.get("MOONCAKE_MASTER_SERVER_ADDR", "")
         metadata = spec.metadata_server or os.environ.get("MOONCAKE_METADATA_SERVER", "")
         if not master or not metadata:
-            raise ValueError(
+            raise StoreConfigError(
                 "store.kind=mooncake needs store.master_address and store.metadata_server "
                 "(or MOONCAKE_MASTER_SERVER_ADDR / MOONCAKE_METADATA_SERVER)"
             )
@@ -74,8 +81,9 @@ def build_store(spec: StoreSpec, *, consume_once: bool, producer: bool = False) 
             local_buffer_bytes=spec.local_buffer_bytes,
             staging_bytes=spec.staging_bytes,
             consume_once=consume_once,
+            connect_timeout_s=spec.connect_timeout_s,
         )
-    raise ValueError(f"unknown store kind {spec.kind!r}; use 'shared_dir' or 'mooncake'")
+    raise StoreConfigError(f"unknown store kind {spec.kind!r}; use 'shared_dir' or 'mooncake'")
 
 
 def _store_full(error: FeatureStoreError) -> bool:
