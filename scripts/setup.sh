@@ -14,6 +14,14 @@ if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; then
   fi
 fi
 
+if ! command -v redis-server >/dev/null && [ ! -x /usr/sbin/redis-server ] && [ ! -x /usr/bin/redis-server ]; then
+  # The Redis ledger's tests start Debian's redis-server on 127.0.0.1 themselves (stopped by pid).
+  if command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null 2>&1 \
+      || echo "warning: could not install redis-server; Redis ledger tests will fail" >&2
+  fi
+fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 export PIP_CONSTRAINT="$PWD/constraints.txt" PIP_DISABLE_PIP_VERSION_CHECK=1

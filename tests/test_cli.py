@@ -69,11 +69,17 @@ def _built_trainer(tmp_path, *extra):
     return build_cli(args, run=False).trainer
 
 
-def test_the_default_progress_bar_is_throttled_and_a_given_one_wins(tmp_path):
+def test_the_default_progress_bar_is_throttled_and_a_given_one_wins(tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
     from specforge_lightning.cli import PROGRESS_REFRESH_PER_S
+    from specforge_lightning.runtime import progress
+    from specforge_lightning.runtime.fit_progress import PlainProgressLogger
 
+    piped = _built_trainer(tmp_path)  # pytest's stdout is no TTY: plain lines, no bar
+    assert piped.progress_bar_callback is None
+    assert [c.interval_s for c in piped.callbacks if isinstance(c, PlainProgressLogger)] == [30.0]
+    monkeypatch.setattr(progress, "is_tty", lambda stream: True)
     bar = _built_trainer(tmp_path).progress_bar_callback
     assert isinstance(bar, RichProgressBar) and bar.refresh_rate == PROGRESS_REFRESH_PER_S == 2
     mine = _built_trainer(tmp_path, "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar",

@@ -89,6 +89,86 @@ class Drafter(Protocol):
         """Per-position ``(correct, total)`` along the target's own output: the simulated AL's inputs."""
 
 
+@dataclass(frozen=True)
+class TreeSpec:
+    """A tree proposal's size, counted as SGLang counts it (``--speculative-num-steps/-eagle-topk/-num-draft-tokens``).
+
+    Attributes:
+        num_steps: draft forward steps, so the deepest node is ``num_steps`` tokens past the root.
+        topk: children per expanded node, and nodes expanded per step (EAGLE-2's beam).
+        num_draft_tokens: tokens one target forward verifies, the root (the last verified token)
+            included: at most ``num_draft_tokens - 1`` drafted nodes. A chain is topk 1, num_steps + 1.
+        threshold: drop (and never expand) nodes whose cumulative draft probability falls below this
+            (EAGLE-2's dynamic tree); None keeps every node the size allows.
+    """
+
+    num_steps: int
+    topk: int = 1
+    num_draft_tokens: int | None = None
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_draft_tokens is None:
+            object.__setattr__(self, "num_draft_tokens", self.num_steps + 1)
+        if self.num_steps < 0 or self.topk < 1 or self.num_draft_tokens < 1:
+            raise ValueError(f"bad tree size {self}: need num_steps >= 0, topk >= 1, num_draft_tokens >= 1")
+
+    @property
+    def max_nodes(self) -> int:
+        """Drafted nodes a tree may hold (the root is not drafted)."""
+        full = self.topk + (self.num_steps - 1) * self.topk**2 if self.num_steps else 0  # SGLang's candidate pool
+        return min(int(self.num_draft_tokens) - 1, full)
+
+
+@dataclass
+class DraftTree:
+    """Drafted tokens as a tree under the root (the last verified token, parent index -1).
+
+    Nodes are ordered so that every parent precedes its children; ``scores`` are cumulative
+    draft log-probabilities of the path to each node. Proposals are deterministic (top-k), so
+    sampled verification treats each node's proposal distribution as a point mass.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int]) -> DraftTree:
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), [0.0] * len(tokens))
+
+    def depths(self) -> list[int]:
+        out: list[int] = []
+        for p in self.parents:
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents == list(range(-1, len(self.tokens) - 1))
+
+
+class TreeDrafter(Protocol):
+    """A ``Drafter`` that also proposes trees (an ``Algorithm`` with ``tree_drafting=True`` builds one)."""
+
+    layer_ids: tuple[int, ...]
+    description: str
+    simulated_definition: str
+
+    def start(self, aux: torch.Tensor, next_ids: Sequence[int]) -> None: ...
+
+    def propose(self, k: int) -> list[int]: ...
+
+    def propose_tree(self, spec: TreeSpec) -> DraftTree:
+        """A tree after the verified text; ``accept`` then gets the accepted path (aux states and tokens)."""
+
+    def accept(self, aux: torch.Tensor, next_ids: Sequence[int]) -> None: ...
+
+    def teacher_forced_counts(
+        self, runner: VerifyingTarget, prompt_ids: Sequence[int], output_ids: Sequence[int], k: int
+    ) -> tuple[list[int], list[int]]: ...
+
+
 @dataclass
 class LoadedDraft:
     """A draft read back from a checkpoint or an exported folder, with what generic code checks.
@@ -186,6 +266,7 @@ class Algorithm:
         load_export: ``(folder, config.json dict, options) -> LoadedDraft``.
         exports: export formats by name (``hf``, ``sglang``, ...).
         make_drafter: ``(loaded, options) -> Drafter`` for ``evaluate``; refuses options it does not implement.
+        tree_drafting: its drafter is a ``TreeDrafter`` (``evaluate --topk > 1`` / ``--draft_threshold``).
     """
 
     name: str
@@ -195,6 +276,7 @@ class Algorithm:
     load_export: Callable[[Path, Mapping[str, Any], LoadOptions], LoadedDraft]
     exports: Mapping[str, ExportFormat]
     make_drafter: Callable[[LoadedDraft, DrafterOptions], Drafter]
+    tree_drafting: bool = False
 
     @property
     def spec(self) -> StrategySpec:
@@ -205,10 +287,13 @@ class Algorithm:
 __all__ = [
     "Algorithm",
     "DraftLoadError",
+    "DraftTree",
     "Drafter",
     "ExportFormat",
     "LoadOptions",
     "LoadedDraft",
+    "TreeDrafter",
+    "TreeSpec",
     "VerifyingTarget",
     "teacher_forced_aux",
 ]

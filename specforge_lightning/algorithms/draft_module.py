@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
@@ -109,3 +111,73 @@ class LazyDraftModule(L.LightningModule):
             plugin.clip_grad_by_value(optimizer, gradient_clip_val)
         else:
             plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
+
+
+class TokenNormalizedDraftModule(LazyDraftModule):
+    """A draft whose step loss is ``Σ numerators / Σ denominators`` over all ranks and micro-batches.
+
+    ``training_step`` returns its micro-batch's numerator and hands its denominator to
+    ``add_denominator``; ``on_before_optimizer_step`` (after the step's last backward, after
+    AMP unscaling, before clipping) all-reduces the running sum to ``D`` and multiplies every
+    gradient by ``W·A / D`` (W = world size, whose mean DDP/FSDP already took; A =
+    accumulate_grad_batches, which Lightning already divided the loss by). The gradient is
+    then the same however the tokens are spread across ranks and micro-batches.
+
+    ``train_acceptance`` / ``val_acceptance`` are sum-reduced metrics whose ``compute()`` gives
+    ``loss``, ``acceptance_length``, ``acc`` and ``acc_k``; they are logged here the same way.
+    """
+
+    denominator_floor: ClassVar[float] = 1e-12  # the smallest D divided by (no tokens: the gradient stays 0)
+    train_acceptance: Any
+    val_acceptance: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._den_accum = torch.zeros((), dtype=torch.float64)
+
+    def add_denominator(self, denominator: torch.Tensor) -> None:
+        """Count a micro-batch's denominator towards its optimizer step's ``D``."""
+        self._den_accum = self._den_accum.to(denominator.device) + denominator.detach().double()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        trainer = self.trainer
+        self.normalize_gradients(
+            optimizer, trainer.world_size, trainer.accumulate_grad_batches,
+            lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+        )
+
+    def normalize_gradients(
+        self, optimizer: torch.optim.Optimizer, world_size: int, accumulate: int,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Scale the step's gradients by ``W·A / D`` (class docstring), once after its last backward.
+
+        The one home of the rescale: the Trainer reaches it through ``on_before_optimizer_step``, a
+        hand-written loop calls it directly; ``reduce_sum`` sums a tensor over all ranks.
+        """
+        total = reduce_sum(self._den_accum.to(self.device))
+        scale = world_size * accumulate / total.clamp_min(self.denominator_floor)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
+        self._den_accum = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def log_train_pooled(self, pooled: dict[str, torch.Tensor], bs: int) -> None:
+        """Log a step's pooled loss, acceptance length and per-position accuracies."""
+        self.log("train/loss", pooled["loss"].float(), prog_bar=True, batch_size=bs)
+        self.log("train/acceptance_length", pooled["acceptance_length"].float(), prog_bar=True, batch_size=bs)
+        for k, a in enumerate(pooled["acc_k"]):
+            self.log(f"train/acc_{k}", a.float(), batch_size=bs)
+
+    def on_train_epoch_start(self) -> None:
+        self.train_acceptance.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_acceptance.compute()  # states are summed across ranks first
+        self.val_acceptance.reset()
+        self.log("val/loss", result["loss"].float(), sync_dist=True)
+        self.log("val/acceptance_length", result["acceptance_length"].float(), prog_bar=True, sync_dist=True)
+        self.log("val/acc", result["acc"].float(), sync_dist=True)
+        for k, a in enumerate(result["acc_k"]):
+            self.log(f"val/acc_{k}", a.float(), sync_dist=True)

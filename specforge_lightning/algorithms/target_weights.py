@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,33 @@ class DraftConfigDict:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+@dataclass
+class TargetGeometry(DraftConfigDict):
+    """The layer geometry fields every draft config starts with (``target_geometry`` fills them).
+
+    A draft config dataclass derives from this and adds its own fields after these, so the
+    field order (positional construction, ``to_dict``) stays geometry first.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    vocab_size: int
+
+    def check_layers(self, hidden_act: str) -> None:
+        """Refuse what the draft layers cannot build: a non-SwiGLU MLP, or query heads not grouped over kv heads."""
+        if hidden_act != "silu":
+            raise ValueError(f"only silu (SwiGLU) drafts are supported, got {hidden_act!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+
 def read_target_config(target_dir: str | Path) -> dict[str, Any]:
     """The target's ``config.json`` as a dict (multimodal ``text_config`` is merged on top)."""
     cfg = json.loads((Path(target_dir) / "config.json").read_text())
@@ -97,6 +125,24 @@ def load_target_tensors(
 def target_head_name(target_config: Mapping[str, Any]) -> str:
     """Where the target's output head lives: ``lm_head.weight``, or the embedding when tied."""
     return "model.embed_tokens.weight" if target_config.get("tie_word_embeddings", False) else "lm_head.weight"
+
+
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def load_frozen_head(
+    target_dir: str | Path, target_cfg: Mapping[str, Any], frozen_dtype: str | None, extra: Iterable[str] = ()
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The target's embedding and output head (plus ``extra`` tensors) a draft keeps frozen.
+
+    ``frozen_dtype`` (a torch dtype name, None: as in the files) is their storage dtype. Returns the
+    tensors and the head's name among them: the embedding when tied, or when an untied config has no
+    separate head in the files.
+    """
+    head_name = target_head_name(target_cfg)
+    dtype = getattr(torch, frozen_dtype) if frozen_dtype else None
+    tensors = load_target_tensors(target_dir, [EMBEDDING, head_name, *extra], dtype=dtype)
+    return tensors, head_name if head_name in tensors else EMBEDDING
 
 
 def load_vocab_mapping(path: str | Path, vocab_size: int, draft_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:

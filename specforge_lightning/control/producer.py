@@ -9,7 +9,7 @@ in the store.
 
 Files next to the ledger (one stream per folder)::
 
-    ledger.sqlite              the ledger (SqliteLedger)
+    ledger.sqlite              the ledger (SqliteLedger; a Redis ledger keeps these files in its URI's dir=)
     stream_manifest.json       what the stream carries (identity fields as prepare's manifest)
     vocab_mapping.safetensors  d2t / t2d of the draft vocabulary
     producer_progress.json     next task position and published count, for restarts
@@ -35,6 +35,7 @@ from typing import Any
 
 from specforge_lightning.contracts import SampleRef
 from specforge_lightning.control.ledger import Backpressure, Ledger
+from specforge_lightning.control.ledger_uri import ledger_identity, stream_dir
 from specforge_lightning.errors import UserError
 from specforge_lightning.files import write_json_atomic
 
@@ -61,8 +62,8 @@ class ProducerConflictError(UserError, RuntimeError):
 
 
 def stream_file(ledger_path: str | Path, name: str) -> Path:
-    """A stream side file: it lives in the ledger's folder."""
-    return Path(ledger_path).resolve().parent / name
+    """A stream side file: it lives in the ledger's folder (a Redis ledger's ``dir=``; see ledger_uri.py)."""
+    return stream_dir(ledger_path) / name
 
 
 def write_stream_manifest(ledger_path: str | Path, manifest: Mapping[str, Any], identity_fields: Sequence[str]) -> Path:
@@ -130,7 +131,7 @@ def claim_store_root(root: str | Path, ledger_path: str | Path) -> Path:
     """
     owner = Path(root).resolve() / STORE_OWNER
     owner.parent.mkdir(parents=True, exist_ok=True)
-    ledger = str(Path(ledger_path).resolve())
+    ledger = ledger_identity(ledger_path)
     with open(owner.with_suffix(".lock"), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # two producers starting at once: one reads what the other wrote
         try:

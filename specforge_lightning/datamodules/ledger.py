@@ -1,7 +1,7 @@
 """Ledger set-up of a StreamDataModule: join a disaggregated producer's stream.
 
 Waits for the producer's ``stream_manifest.json``, checks it against this run,
-opens the shared store and the SQLite ledger, and builds this rank's stream.
+opens the shared store and the ledger (SQLite or Redis), and builds this rank's stream.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 from specforge_lightning.contracts import FeatureContext, SampleRef, StrategySpec
 from specforge_lightning.control.producer import ProducerProgress, stream_file, wait_stream_manifest
-from specforge_lightning.control.sqlite_ledger import SqliteLedger
+from specforge_lightning.control.ledger import Ledger
+from specforge_lightning.control.ledger_uri import open_ledger as open_ledger_store
 from specforge_lightning.data.ledger_stream import LocalComm, RankedLedgerStream, TorchComm
 from specforge_lightning.data.manifest import MissingFeaturesError, RefCheck, feature_context, read_manifest
 from specforge_lightning.data.stores.shards import read_shard_index
@@ -35,7 +36,7 @@ class LedgerSetup:
 
     stream: RankedLedgerStream
     store: FeatureStore
-    ledger: SqliteLedger
+    ledger: Ledger
     manifest: dict[str, Any]
     context: FeatureContext
     val: tuple[FeatureStore, list[SampleRef]] | None
@@ -70,7 +71,7 @@ def open_ledger(
     check_vocab_file(vocab_file, fix="the producer writes it: restart the producer on this ledger")
     context = feature_context(manifest, vocab_file.parent, target_dir)
     comm = TorchComm() if world > 1 else LocalComm()
-    ledger = SqliteLedger(ledger_path)
+    ledger = open_ledger_store(ledger_path)  # SQLite path or redis:// URI
     store = build_store(store_spec, consume_once=False)
     stream = RankedLedgerStream(
         ledger,

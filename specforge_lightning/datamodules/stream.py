@@ -6,7 +6,7 @@ Two sources, one loader:
   (``ColocatedRefSource``); each rank captures its own ``DistributedSampler`` share.
 - ``source="ledger"``: a separate producer (``python -m specforge_lightning produce``)
   puts features into a shared store (``store.kind``: ``shared_dir`` or ``mooncake``)
-  and publishes refs to a SQLite ledger; this module waits for the producer's
+  and publishes refs to a ledger (a SQLite file, or Redis for several hosts); this module waits for the producer's
   ``stream_manifest.json`` and leases refs in lockstep across ranks.
 
 Either way batches come from a stream-mode ``FeatureDataLoader`` in manual ack mode.
@@ -116,7 +116,9 @@ class StreamDataModule(L.LightningDataModule):
         if source not in SOURCES:
             raise StreamConfigError(f"source must be one of {SOURCES}, got {source!r}")
         if source == "ledger" and not ledger:
-            raise StreamConfigError("source=ledger needs ledger=<path to the producer's ledger.sqlite>")
+            raise StreamConfigError(
+                "source=ledger needs ledger=<the producer's ledger.sqlite path, or redis://HOST:PORT/DB?stream=NAME>"
+            )
         self.source = source
         self.prepare_cfg = prepare or PrepareConfig()
         self.prepare_given = prepare is not None

@@ -26,8 +26,18 @@ from specforge_lightning.config_files import run_config_of
 from specforge_lightning.data.chat import template_hash
 from specforge_lightning.errors import UserError
 from specforge_lightning.evaluation.decode_linear import use_decode_linears
+from specforge_lightning.evaluation.policy import (
+    add_policy_arguments,
+    check_supported,
+    describe,
+    needs_tree,
+    resolve_policy,
+    run_sweep,
+    sweep_grid,
+)
 from specforge_lightning.evaluation.prompts import eos_ids, held_out_prompts, prompt_ids, read_prepare_section, read_prompt_file
 from specforge_lightning.evaluation.report import format_summary, write_report
+from specforge_lightning.evaluation.sampling import SamplingParams
 from specforge_lightning.evaluation.speculative import run_speculative_eval
 from specforge_lightning.export.drafts import load_draft
 from specforge_lightning.runtime.precision import announce, resolve_precision
@@ -48,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_prompts", type=int, default=None,
                    help=f"how many prompts (default: all of --prompts, or {DEFAULT_HELD_OUT} held-out ones)")
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--k", "--num_draft_tokens", dest="num_draft_tokens", type=int, default=5,
-                   help="draft tokens per verify step (chain drafting)")
+    add_policy_arguments(p)
     p.add_argument("--dtype", choices=[*sorted(DTYPES), "auto"], default="bfloat16",
                    help="target dtype (auto: bfloat16 where the device has native bf16, else float32)")
     p.add_argument("--draft_dtype", choices=sorted(DTYPES), default=None, help="draft dtype (default: as stored)")
@@ -76,6 +85,11 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     ns = build_parser().parse_args(None if args is None else list(args))
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    spec = resolve_policy(ns)
+    try:
+        sampling = SamplingParams(ns.temperature, ns.top_p, ns.seed)
+    except ValueError as e:
+        raise UserError(f"evaluate: --temperature/--top_p: {e}") from None
     saved = run_config_of(ns.ckpt_path)
     if saved is not None and ns.config and Path(ns.config).resolve() != saved.resolve():
         print(f"evaluate: reading data.prepare from {saved}, the config the run used (not {ns.config})")
@@ -101,6 +115,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         algorithm, loaded = load_draft(ns.ckpt_path, LoadOptions(str(target_dir), True, ns.trust_checkpoint))
     except DraftLoadError as e:
         raise UserError(f"evaluate: {e}") from None
+    check_supported(algorithm, spec)
     if not loaded.has_embedding:
         raise UserError(f"evaluate: {ns.ckpt_path}: draft has no embedding and none could be read from {target_dir}")
     model, tokenizer = load_target(target_dir, dtype=DTYPES[ns.dtype])
@@ -133,20 +148,25 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         limit = ns.max_prompt_tokens or defaults.max_length
         prompts, desc = held_out_prompts(prep, tokenizer, ns.num_prompts or DEFAULT_HELD_OUT, limit)
 
-    result = run_speculative_eval(
-        model,
-        drafter,
-        prompts,
-        num_draft_tokens=ns.num_draft_tokens,
-        max_new_tokens=ns.max_new_tokens,
-        eos_ids=eos_ids(tokenizer, model),
-        warmup=not ns.no_warmup,
-    )
+    def evaluate(**policy: Any) -> dict[str, Any]:
+        return run_speculative_eval(model, drafter, prompts, max_new_tokens=ns.max_new_tokens,
+                                    eos_ids=eos_ids(tokenizer, model), warmup=not ns.no_warmup, **policy)
+
+    result = evaluate(num_draft_tokens=spec.num_steps, tree=spec if needs_tree(spec) else None, sampling=sampling)
+    if ns.sweep:
+        result["sweep"] = run_sweep(evaluate, sweep_grid(spec, algorithm.tree_drafting), sampling)
     result["settings"] = {
-        "num_draft_tokens": ns.num_draft_tokens,
-        "drafting": drafter.description,
+        "k": spec.num_steps if spec.topk == 1 else None,
+        "num_steps": spec.num_steps,
+        "topk": spec.topk,
+        "num_draft_tokens": spec.num_draft_tokens,
+        "draft_threshold": spec.threshold,
+        "drafting": describe(spec, drafter),
         "confidence_threshold": ns.confidence_threshold,
-        "temperature": 0.0,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "seed": sampling.seed,
+        "sweep": ns.sweep,
         "max_new_tokens": ns.max_new_tokens,
         "prompts": desc,
         "num_prompts": len(prompts),

@@ -118,6 +118,9 @@ class ColocatedRefSource:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("colocated capture thread did not stop within %.0f s", timeout_s)
+        close = getattr(self.engine, "close", None)  # an SGLang engine stops the server it launched
+        if callable(close) and not (self._thread is not None and self._thread.is_alive()):
+            close()
         self.stream.close()
 
     def join(self, timeout_s: float | None = None) -> None:

@@ -47,6 +47,7 @@ from specforge_lightning.data.vocab import (
 from specforge_lightning.runtime.progress import track
 from specforge_lightning.target.capture import has_nan
 from specforge_lightning.target.engine import HFTargetEngine
+from specforge_lightning.target.sglang_engine import check_engine_config, close_engine, open_engine
 from specforge_lightning.target.layers import planned_layer_ids
 from specforge_lightning.target.prepare_config import PrepareConfig
 from specforge_lightning.target.regenerate import prompt_ids, regenerate_tasks
@@ -232,6 +233,7 @@ def prepare(cfg: PrepareConfig, spec: StrategySpec | None = None, *, progress: b
     tokenizer = load_tokenizer(target_dir)
     hf_config = AutoConfig.from_pretrained(str(target_dir))
     layer_ids = planned_layer_ids(hf_config.num_hidden_layers, cfg.layer_preset, cfg.layer_ids, spec)
+    check_engine_config(cfg, hf_config.num_hidden_layers, layer_ids)  # before any work
 
     identity = feature_identity(cfg, target_dir, tokenizer, layer_ids)
     existing = read_manifest(out)
@@ -283,18 +285,21 @@ def prepare(cfg: PrepareConfig, spec: StrategySpec | None = None, *, progress: b
             if _shard_is_complete(out / rel, repaired):
                 continue
             if engine is None:
-                engine = HFTargetEngine.from_path(
-                    str(target_dir), dtype=torch_dtype(cfg.compute_dtype), capture_dtype=torch_dtype(cfg.capture_dtype)
-                )
+                engine = open_engine(cfg, target_dir, layer_ids)  # data.prepare.engine: hf or sglang
             chunk = tasks[shard_index * cfg.shard_size : (shard_index + 1) * cfg.shard_size]
-            samples = _capture_chunk(engine, chunk, layer_ids, cfg.batch_size, stats, progress, rel)
-            write_shard(out / rel, samples, {"split": split, "target": cfg.target})  # names the shard on ENOSPC
+            try:
+                samples = _capture_chunk(engine, chunk, layer_ids, cfg.batch_size, stats, progress, rel)
+                write_shard(out / rel, samples, {"split": split, "target": cfg.target})  # names the shard on ENOSPC
+            except BaseException:
+                close_engine(engine)  # an SGLang engine stops its server in every outcome
+                raise
         manifest["splits"][split] = {
             "shards": shards,
             "num_samples": len(tasks),
             "num_tokens": sum(t.num_tokens for t in tasks),
             "num_supervised": sum(t.num_supervised for t in tasks),
         }
+    close_engine(engine)
     manifest["nan_skipped"] = manifest.get("nan_skipped", 0) + stats["nan_skipped"]
     if stats["seconds"]:
         manifest["capture_tokens_per_s"] = round(stats["captured_tokens"] / stats["seconds"], 1)

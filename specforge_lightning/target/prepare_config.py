@@ -66,6 +66,11 @@ class PrepareConfig:
     cache_dir: str | None = None
     # A damaged shard of a complete folder is captured again; true: refuse, naming the damaged shards.
     no_repair: bool = False
+    # Who computes the features: ``hf`` (in-process transformers) or ``sglang`` (target/sglang_engine.py).
+    # ``sglang_url``: a running capture server (None: launch one with ``sglang_python``, the side venv).
+    engine: str = "hf"
+    sglang_url: str | None = None
+    sglang_python: str = ".venv-sglang/bin/python"
 
     def __post_init__(self) -> None:
         for name, least in LEAST.items():
@@ -76,6 +81,12 @@ class PrepareConfig:
                 raise PrepareConfigError(f"data.prepare.{name} must be an integer >= {least}, got {value!r}")
         if self.regenerate_samples is not None and not self.regenerate:
             raise PrepareConfigError("regenerate_samples needs regenerate: true")
+        if self.engine not in ("hf", "sglang"):
+            raise PrepareConfigError(f"data.prepare.engine must be 'hf' or 'sglang', got {self.engine!r}")
+        if self.engine == "sglang" and self.regenerate:
+            raise PrepareConfigError("data.prepare.engine=sglang does not regenerate answers; set regenerate: false or engine: hf")
+        if self.sglang_url is not None and self.engine != "sglang":
+            raise PrepareConfigError("data.prepare.sglang_url needs engine: sglang")
         if self.regenerate_samples is not None and not 0 <= self.regenerate_samples <= self.num_samples:
             raise PrepareConfigError(
                 f"regenerate_samples must be between 0 and num_samples ({self.num_samples}), "

@@ -35,16 +35,17 @@ from specforge_lightning.control.producer import (
     stream_file,
     write_stream_manifest,
 )
-from specforge_lightning.control.sqlite_ledger import SqliteLedger
+from specforge_lightning.control.ledger_uri import open_ledger, stream_dir
 from specforge_lightning.data.loader import distributed_indices
 from specforge_lightning.data.manifest import IDENTITY_FIELDS, check_identity
 from specforge_lightning.data.stores.spec import StoreSpec, build_store, put_with_retry
 from specforge_lightning.data.vocab import build_vocab_mapping, count_supervised_tokens, save_vocab_mapping
 from specforge_lightning.target.capture import capture_in_order, epoch_sample_ids
-from specforge_lightning.target.engine import HFTargetEngine, TargetEngine
+from specforge_lightning.target.engine import TargetEngine
 from specforge_lightning.target.layers import planned_layer_ids
 from specforge_lightning.target.identity import feature_identity, load_tokenizer
-from specforge_lightning.target.prepare import PrepareConfig, build_tasks, describe_features, torch_dtype
+from specforge_lightning.target.prepare import PrepareConfig, build_tasks, describe_features
+from specforge_lightning.target.sglang_engine import check_engine_config, close_engine, open_engine
 from specforge_lightning.target.zoo import resolve_target
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,8 @@ class StreamPlan:
     manifest: dict[str, Any]  # prepare's identity fields and model facts; no splits yet
 
     def load_engine(self) -> TargetEngine:
-        return HFTargetEngine.from_path(
-            str(self.target_dir),
-            dtype=torch_dtype(self.cfg.compute_dtype),
-            capture_dtype=torch_dtype(self.cfg.capture_dtype),
-        )
+        """The engine ``data.prepare.engine`` names (an SGLang one holds a server: ``close_engine`` it)."""
+        return open_engine(self.cfg, self.target_dir, self.layer_ids)
 
     def provenance(self) -> dict[str, Any]:
         keys = ("target", "target_weights_hash", "layer_ids", "capture_dtype", "tokenizer_hash", "chat_template_hash")
@@ -90,6 +88,7 @@ def plan_stream(cfg: PrepareConfig, spec: StrategySpec | None = None) -> StreamP
     tokenizer = load_tokenizer(target_dir)
     hf_config = AutoConfig.from_pretrained(str(target_dir))
     layer_ids = planned_layer_ids(hf_config.num_hidden_layers, cfg.layer_preset, cfg.layer_ids, spec)
+    check_engine_config(cfg, hf_config.num_hidden_layers, layer_ids)  # before any work
     plan = build_tasks(cfg, tokenizer)
     train, val = plan.train, plan.val
     d2t, t2d = build_vocab_mapping(
@@ -145,8 +144,8 @@ def run_producer(
 
     ``spec`` (the trainers' algorithm) supplies the layer preset when ``cfg.prepare`` names none.
     """
-    ledger_path = Path(cfg.ledger)
-    ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    ledger_path = cfg.ledger  # a SQLite path or a redis:// URI (control/ledger_uri.py)
+    stream_dir(ledger_path).mkdir(parents=True, exist_ok=True)
     stop = stop or threading.Event()
     with producer_lock(ledger_path):
         plan = plan_stream(cfg.prepare, spec)
@@ -161,8 +160,9 @@ def run_producer(
             claim_store_root(cfg.store.root, ledger_path)  # before the stream writes: a refusal changes nothing
         save_vocab_mapping(stream_file(ledger_path, STREAM_VOCAB), plan.d2t, plan.t2d)
         write_stream_manifest(ledger_path, announced, STREAM_IDENTITY_FIELDS)
-        ledger = SqliteLedger(ledger_path)
+        ledger = open_ledger(ledger_path)
         store = None
+        owned_engine = None
         try:
             if ledger.is_done():
                 log.info("the stream on %s is already complete; nothing to produce", ledger_path)
@@ -172,7 +172,8 @@ def run_producer(
             if point.next_index or point.published:
                 log.info("resuming at task position %d (%d refs already published)", point.next_index, point.published)
             store = build_store(cfg.store, consume_once=False, producer=True)
-            engine = engine or plan.load_engine()
+            if engine is None:
+                engine = owned_engine = plan.load_engine()
             publisher = Publisher(
                 ledger, progress, high_watermark=cfg.high_watermark, low_watermark=cfg.low_watermark,
                 published=point.published, log_every_s=cfg.log_every_s,
@@ -190,6 +191,7 @@ def run_producer(
                         break
             return {**stats, "complete": True}
         finally:
+            close_engine(owned_engine)  # stops a server this producer launched
             if store is not None:
                 store.close()
             ledger.close()

@@ -20,7 +20,8 @@ from specforge_lightning.evaluation.speculative import (
     speculative_generate,
 )
 from specforge_lightning.algorithms.registry import get_algorithm
-from tests.evaluation.test_speculative import eval_prompts, greedy_corpus, make_prompts, tiny_target
+from tests.algorithms.draft_fixtures import one_thread, seeded, target, with_target_head  # noqa: F401 (fixtures)
+from tests.evaluation.test_speculative import eval_prompts, greedy_corpus, make_prompts
 
 
 def make_drafter(draft: DFlashDraft):
@@ -33,16 +34,6 @@ BS = 4  # block size: DFlash proposes at most 3 tokens, Domino (shifted labels) 
 MASK = 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_target()
-
-
 def make_draft(target, kind: str, seed: int) -> DFlashDraft:
     cfg = target.config.to_dict()
     if kind == "dflash":
@@ -51,11 +42,7 @@ def make_draft(target, kind: str, seed: int) -> DFlashDraft:
     else:
         base = DFlashConfig.from_target_config(cfg, LAYERS, MASK, block_size=BS).to_dict()
         config, cls = DominoConfig(**base, emb_dim=32, gru_hidden_dim=32), DominoDraft
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        draft = cls(config)
-    draft.set_target_weights(target.model.embed_tokens.weight.detach().clone(), target.lm_head.weight.detach().clone())
-    return draft.eval()
+    return with_target_head(seeded(cls, config, seed), target)
 
 
 def train_blocks(draft: DFlashDraft, target, prompts: Sequence[Sequence[int]], steps: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -14,28 +13,21 @@ from specforge_lightning.algorithms.base import LoadOptions
 from specforge_lightning.export.drafts import load_draft
 from specforge_lightning.algorithms.domino import DominoModule
 from specforge_lightning.cli import main
+from tests.algorithms.cli_runs import fit_tiny, logged
 
 
 @pytest.mark.parametrize("name,cls", [("dflash", DFlashModule), ("domino", DominoModule)])
 def test_tiny_fit_loss_decreases(tmp_path, name, cls):
     run = tmp_path / "run"
-    main([
-        "fit", "--config", f"configs/{name}-tiny.yaml",
-        f"--data.init_args.prepare.output_dir={tmp_path / 'feats'}",
-        f"--trainer.default_root_dir={run}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.max_steps=30", "--trainer.val_check_interval=15", "--trainer.log_every_n_steps=1",
-    ])
-    (metrics,) = run.glob("lightning_logs/version_*/metrics.csv")
-    rows = list(csv.DictReader(metrics.open()))
-    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    rows = fit_tiny(f"configs/{name}-tiny.yaml", tmp_path / "feats", run,
+                    "--trainer.max_steps=30", "--trainer.val_check_interval=15")
+    losses = logged(rows, "train/loss")
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     # The tiny target's frozen head has rows of norm ~0.16, so a pure DFlash draft can only move its logits
     # slowly (through the final norm's scale); Domino's correction head is unbounded and falls faster.
     assert last < first - (0.04 if name == "dflash" else 0.2), (first, last)
-    als = [float(r["val/acceptance_length"]) for r in rows if r.get("val/acceptance_length")]
+    als = logged(rows, "val/acceptance_length")
     assert len(als) == 2 and all(a >= 1.0 for a in als)
     assert any(r.get("train/acc_0") for r in rows)
     ckpt = run / "checkpoints" / "last.ckpt"

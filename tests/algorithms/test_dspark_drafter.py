@@ -13,31 +13,18 @@ from specforge_lightning.algorithms.dflash import DFlashConfig, block_labels
 from specforge_lightning.algorithms.dspark import DSparkBlockDrafter, DSparkConfig, DSparkDraft, dspark_loss
 from specforge_lightning.algorithms.registry import get_algorithm
 from specforge_lightning.evaluation.speculative import TargetRunner, greedy_generate, speculative_generate
-from tests.evaluation.test_speculative import eval_prompts, greedy_corpus, make_prompts, tiny_target
+from tests.algorithms.draft_fixtures import one_thread, seeded, target, with_target_head  # noqa: F401 (fixtures)
+from tests.evaluation.test_speculative import eval_prompts, greedy_corpus, make_prompts
 
 LAYERS = (1, 2, 3)
 BS = 4  # DSpark scores every slot: up to 4 tokens per block
 KINDS = ("vanilla", "gated", "rnn")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_target()
-
-
 def make_draft(target, kind: str, seed: int) -> DSparkDraft:
     base = DFlashConfig.from_target_config(target.config.to_dict(), LAYERS, 0, block_size=BS).to_dict()
     config = DSparkConfig(**base, markov_rank=16, markov_head_type=kind)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        draft = DSparkDraft(config)
-    draft.set_target_weights(target.model.embed_tokens.weight.detach().clone(), target.lm_head.weight.detach().clone())
-    return draft.eval()
+    return with_target_head(seeded(DSparkDraft, config, seed), target)
 
 
 def train(draft: DSparkDraft, target, prompts: Sequence[Sequence[int]], steps: int) -> None:

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import csv
 import json
-from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from specforge_lightning.algorithms.base import LoadOptions
 from specforge_lightning.algorithms.dspark import DSparkModule
 from specforge_lightning.cli import main
 from specforge_lightning.errors import UserError
 from specforge_lightning.export.drafts import load_draft
-from tests.integration.scripts.common import KeyboardInterruptLike, make_features, prepare_config, read_rows
-
-MAX_STEPS = 6
+from tests.algorithms.cli_runs import (
+    assert_resume_matches_straight,
+    feature_data,
+    fit_tiny,
+    logged,
+    write_resume_config,
+)
+from tests.integration.scripts.common import make_features
 
 
 @pytest.fixture(autouse=True)
@@ -28,19 +29,11 @@ def _one_thread():
 
 def test_tiny_fit_evaluate_export(tmp_path, capsys):
     run = tmp_path / "run"
-    main([
-        "fit", "--config", "configs/dspark-tiny.yaml",
-        f"--data.init_args.prepare.output_dir={tmp_path / 'feats'}",
-        f"--trainer.default_root_dir={run}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.max_steps=30", "--trainer.val_check_interval=15", "--trainer.log_every_n_steps=1",
-    ])
-    (metrics,) = run.glob("lightning_logs/version_*/metrics.csv")
-    rows = list(csv.DictReader(metrics.open()))
-    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    rows = fit_tiny("configs/dspark-tiny.yaml", tmp_path / "feats", run,
+                    "--trainer.max_steps=30", "--trainer.val_check_interval=15")
+    losses = logged(rows, "train/loss")
     assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5]), losses
-    taus = [float(r["val/tau_probabilistic"]) for r in rows if r.get("val/tau_probabilistic")]
+    taus = logged(rows, "val/tau_probabilistic")
     assert len(taus) == 2 and all(1.0 <= t <= 5.0 for t in taus)
     for key in ("train/l1_loss", "train/confidence_loss", "val/teacher_agreement", "val/ce_position_3", "train/acc_3"):
         assert any(r.get(key) for r in rows), key
@@ -75,56 +68,14 @@ def test_tiny_fit_evaluate_export(tmp_path, capsys):
     assert "qk_norm: true" in capsys.readouterr().err
 
 
-def write_config(root: Path, features: Path, interrupt_at: int | None) -> Path:
-    prepare = {k: v for k, v in asdict(prepare_config(features)).items() if k != "extra"}
-    callbacks = [
-        {"class_path": "tests.integration.scripts.common.SampleLog",
-         "init_args": {"path": str(root / "rows.jsonl"), "draw_random": False}},
-        {"class_path": "specforge_lightning.callbacks.ResumeState"},
-        {"class_path": "specforge_lightning.callbacks.SpecForgeCheckpoint", "init_args": {"every_n_train_steps": 2}},
-    ]
-    if interrupt_at is not None:
-        callbacks.append({"class_path": "tests.integration.scripts.common.Interrupt", "init_args": {"step": interrupt_at}})
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": MAX_STEPS, "logger": False, "precision": "32-true",
-            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-            "limit_val_batches": 0, "default_root_dir": str(root / "run"), "callbacks": callbacks,
-        },
-        "model": {"class_path": "specforge_lightning.algorithms.dspark.DSparkModule",
-                  "init_args": {"block_size": 4, "num_anchors": 6, "markov_rank": 8, "markov_head_type": "rnn",
-                                "lr": 1e-2, "warmup_ratio": 0.2}},
-        "data": {"class_path": "specforge_lightning.datamodules.FeatureDataModule",
-                 "init_args": {"batch_size": 2, "auto_prepare": False, "prepare": prepare}},
-    }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def final_weights(root: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(root / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == MAX_STEPS
-    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("draft.")}
+MODEL = {"class_path": "specforge_lightning.algorithms.dspark.DSparkModule",
+         "init_args": {"block_size": 4, "num_anchors": 6, "markov_rank": 8, "markov_head_type": "rnn",
+                       "lr": 1e-2, "warmup_ratio": 0.2}}
 
 
 def test_interrupted_and_resumed_fit_matches_the_straight_run(tmp_path):
     features = tmp_path / "features"
     make_features(features)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    straight.mkdir(), resumed.mkdir()
-    main(["fit", "--config", str(write_config(straight, features, None))])
-    with pytest.raises(KeyboardInterruptLike):
-        main(["fit", "--config", str(write_config(resumed, features, interrupt_at=3))])
-    main(["fit", "--config", str(write_config(resumed, features, None)), "--ckpt_path", "last"])
-
-    a, b = read_rows(straight / "rows.jsonl"), read_rows(resumed / "rows.jsonl")
-    assert [r["step"] for r in b] == [1, 2, 3, 3, 4, 5, 6]  # step 3 is redone from the step-2 checkpoint
-    by_step = {r["step"]: r for r in b[3:]}
-    for r in a[2:]:  # the same samples and the same losses after the resume
-        assert by_step[r["step"]]["ids"] == r["ids"] and by_step[r["step"]]["loss"] == r["loss"]
-    wa, wb = final_weights(straight), final_weights(resumed)
-    assert wa.keys() == wb.keys() and any(k.startswith("draft.markov_head.") for k in wa)
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    data = feature_data(features)
+    wa = assert_resume_matches_straight(tmp_path, lambda root, at: write_resume_config(root, at, MODEL, data))
+    assert any(k.startswith("draft.markov_head.") for k in wa)

@@ -16,27 +16,16 @@ from specforge_lightning.algorithms.peagle.sampling import all_chains, pack_elem
 from specforge_lightning.algorithms.registry import get_algorithm
 from specforge_lightning.evaluation.speculative import TargetRunner, greedy_generate, speculative_generate
 from specforge_lightning.export.drafts import load_draft
-from tests.evaluation.test_speculative import LAYERS, VOCAB, eval_prompts, greedy_corpus, make_prompts, tiny_target
+from tests.algorithms.draft_fixtures import one_thread, seeded, target  # noqa: F401 (fixtures)
+from tests.evaluation.test_speculative import LAYERS, VOCAB, eval_prompts, greedy_corpus, make_prompts
 
 DEPTHS = 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_target()
 
 
 def make_draft(target, seed: int) -> PEagleDraft:
     config = PEagleConfig.from_target_config(target.config.to_dict(), VOCAB, LAYERS, mask_token_id=0,
                                              num_hidden_layers=2, num_depths=DEPTHS)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        draft = PEagleDraft(config)
+    draft = seeded(PEagleDraft, config, seed)
     draft.embed_tokens.weight.data.copy_(target.model.embed_tokens.weight.detach())
     return draft.eval()
 

@@ -1,4 +1,5 @@
-"""One behavioural suite for every Ledger implementation, plus SQLite's cross-process and restart checks."""
+"""One behavioural suite for every Ledger implementation (in memory, SQLite, Redis), plus SQLite's restart check
+and the cross-process check of the durable ones (Redis-only checks: test_redis_ledger.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from specforge_lightning.control.ledger import (
     LedgerClosedError,
     LedgerRefStream,
 )
+from specforge_lightning.control.ledger_uri import open_ledger
+from specforge_lightning.control.redis_ledger import RedisLedger
 from specforge_lightning.control.sqlite_ledger import SqliteLedger
 
 FAR = 1e12  # a "now" after every lease deadline
@@ -42,9 +45,12 @@ def ids(rs) -> list[str]:
     return [r.sample_id for r in rs]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def ledger(request, tmp_path) -> Ledger:
-    lg = InMemoryLedger() if request.param == "memory" else SqliteLedger(tmp_path / "ledger.sqlite")
+    if request.param == "redis":
+        lg = RedisLedger(request.getfixturevalue("redis_server").url())
+    else:
+        lg = InMemoryLedger() if request.param == "memory" else SqliteLedger(tmp_path / "ledger.sqlite")
     yield lg
     lg.close()
 
@@ -242,7 +248,7 @@ def test_sqlite_restart_keeps_acks_and_unacked_refs(tmp_path):
 
 
 def _produce(path: str, n: int) -> None:
-    lg = SqliteLedger(path)
+    lg = open_ledger(path)
     for start in range(0, n, 5):
         lg.publish(refs(5, start=start))
         time.sleep(0.01)
@@ -251,7 +257,7 @@ def _produce(path: str, n: int) -> None:
 
 
 def _consume(path: str, name: str, out: str) -> None:
-    lg = SqliteLedger(path)
+    lg = open_ledger(path)
     stream = LedgerRefStream(lg, name, lease_s=60, poll_s=0.02)
     seen: list[str] = []
     deadline = time.monotonic() + 60
@@ -264,9 +270,14 @@ def _consume(path: str, name: str, out: str) -> None:
 
 
 @pytest.mark.multiprocess
-def test_sqlite_two_consumer_processes_never_share_a_ref(tmp_path):
-    path, n = str(tmp_path / "ledger.sqlite"), 40
-    SqliteLedger(path).close()  # create the schema before anyone races for it
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_two_consumer_processes_never_share_a_ref(tmp_path, request, kind):
+    if kind == "redis":
+        path = request.getfixturevalue("redis_server").url()
+    else:
+        path = str(tmp_path / "ledger.sqlite")
+        SqliteLedger(path).close()  # create the schema before anyone races for it
+    n = 40
     ctx = mp.get_context("spawn")
     outs = [str(tmp_path / f"c{i}.txt") for i in range(2)]
     procs = [ctx.Process(target=_produce, args=(path, n))]
@@ -282,6 +293,6 @@ def test_sqlite_two_consumer_processes_never_share_a_ref(tmp_path):
     got = [[s for s in Path(o).read_text().splitlines() if s] for o in outs]
     assert not set(got[0]) & set(got[1])
     assert sorted(got[0] + got[1]) == sorted(ids(refs(n)))
-    lg = SqliteLedger(path)
+    lg = open_ledger(path)
     assert lg.counts() == {"published": n, "queued": 0, "leased": 0, "acked": n, "failed": 0} and lg.is_done()
     lg.close()

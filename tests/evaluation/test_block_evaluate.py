@@ -68,7 +68,7 @@ def test_evaluate_block_checkpoint_and_hf_folder(setup, tmp_path, cls):
     a = run(config, prompts, ckpt, tmp_path / "a.json")
     assert KEYS <= set(a)
     assert a["num_prompts"] == 2 and a["identical_outputs"] == 2
-    assert a["settings"]["drafting"] == BLOCK_DRAFTING and a["settings"]["num_draft_tokens"] == 3
+    assert a["settings"]["drafting"] == BLOCK_DRAFTING and (a["settings"]["num_steps"], a["settings"]["num_draft_tokens"]) == (3, 4)
     assert a["simulated_acceptance_length_definition"] == BLOCK_SIMULATED_DEFINITION
     assert a["acceptance_length"] >= 1.0 and a["simulated_acceptance_length"] >= 1.0
     assert len(a["per_position_acceptance"]) == 3 and len(a["teacher_forced_accuracy"]) == 3
@@ -83,3 +83,13 @@ def test_evaluate_block_checkpoint_and_hf_folder(setup, tmp_path, cls):
     assert [p["output_ids"] for p in a["per_prompt"]] == [p["output_ids"] for p in b["per_prompt"]]
     assert a["per_position_counts"] == b["per_position_counts"]
     assert a["teacher_forced_counts"] == b["teacher_forced_counts"]
+
+
+def test_evaluate_refuses_trees_for_a_chain_only_algorithm(setup, tmp_path, capsys):
+    config, prompts = setup
+    ckpt = make_block_checkpoint(tmp_path / "ckpt", DFlashModule)
+    with pytest.raises(SystemExit) as err:
+        cli.main(["evaluate", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(tmp_path / "x.json"),
+                  "--prompts", str(prompts), "--topk", "2", "--num_draft_tokens", "8", "--device", "cpu"])
+    printed = capsys.readouterr().err
+    assert err.value.code == 2 and "need tree drafting, which dflash drafts do not support" in printed

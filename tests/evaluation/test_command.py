@@ -65,8 +65,10 @@ def test_evaluate_on_held_out_prompts_writes_json_and_png(setup, tmp_path, capsy
     assert len(res["per_position_acceptance"]) == 3 and len(res["per_prompt"]) == 2
     assert res["acceptance_length"] >= 1.0 and res["simulated_acceptance_length"] >= 1.0
     s = res["settings"]
-    assert (s["num_draft_tokens"], s["temperature"], s["max_new_tokens"], s["dtype"], s["threads"]) == (
-        3, 0.0, 8, "float32", 1)
+    # --k 3 is the chain shorthand: SGLang counts it num_steps 3, topk 1, num_draft_tokens 4 (the root included)
+    assert (s["k"], s["num_steps"], s["topk"], s["num_draft_tokens"], s["draft_threshold"]) == (3, 3, 1, 4, None)
+    assert (s["temperature"], s["top_p"], s["seed"], s["max_new_tokens"], s["dtype"], s["threads"]) == (
+        0.0, 1.0, 0, 8, "float32", 1)
     assert s["decode_linear_layers"] > 0  # CPU float32: the target's and the draft's layers decode through DecodeLinear
     assert len(s["chat_template_hash"]) == 64 and "held-out" in s["prompts"] and f"from index {held_out_skip(_prep_of(setup))}" in s["prompts"]
     assert res["draft"]["aux_layer_ids"] == [1, 3, 4] and res["draft"]["kind"] == "checkpoint"
@@ -134,3 +136,45 @@ def test_prompt_file_formats(tmp_path):
         read_prompt_file(f)
     with pytest.raises(ValueError, match="no user message"):
         first_user_turn([{"role": "system", "content": "x"}])
+
+
+def test_evaluate_tree_sampling_and_sweep(setup, tmp_path, capsys):
+    ckpt, config = setup
+    res = run(config, ckpt, tmp_path / "t.json", "--num_prompts", "2", "--k", "3", "--sweep", "--no_warmup")
+    assert res["identical_outputs"] == 2 and len(res["sweep"]) == 8
+    assert all(r["identical_outputs"] == 2 for r in res["sweep"])
+    kinds = [(r["policy"]["kind"], r["policy"]["topk"], r["policy"]["num_draft_tokens"]) for r in res["sweep"]]
+    assert kinds[:3] == [("chain", 1, 4), ("chain", 1, 6), ("chain", 1, 8)] and ("tree", 4, 16) in kinds
+    assert res["sweep"][-1]["policy"]["threshold"] is not None
+    assert "sweep tree" in capsys.readouterr().out
+    cli.main(["evaluate", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(tmp_path / "s.json"),
+              "--max_new_tokens", "8", "--num_steps", "3", "--topk", "2", "--num_draft_tokens", "6",
+              "--draft_threshold", "0.01", "--temperature", "0.8", "--top_p", "0.9", "--seed", "7",
+              "--dtype", "float32", "--threads", "1", "--device", "cpu", "--num_prompts", "2", "--no_warmup"])
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert "identical_outputs" not in s and s["num_prompts"] == 2
+    assert {k: s["settings"][k] for k in ("num_steps", "topk", "num_draft_tokens", "draft_threshold", "temperature",
+                                          "top_p", "seed", "k")} == {
+        "num_steps": 3, "topk": 2, "num_draft_tokens": 6, "draft_threshold": 0.01, "temperature": 0.8,
+        "top_p": 0.9, "seed": 7, "k": None}
+    assert s["policy"]["kind"] == "tree" and s["drafted_tokens"] == s["accepted_tokens"] + s["rejected_tokens"]
+    assert "tree (EAGLE-2/SGLang)" in s["settings"]["drafting"]
+
+
+def test_policy_flags_count_as_sglang():
+    import argparse
+
+    from specforge_lightning.evaluation.policy import add_policy_arguments, resolve_policy
+
+    p = argparse.ArgumentParser()
+    add_policy_arguments(p)
+    spec = lambda *a: resolve_policy(p.parse_args(list(a)))  # noqa: E731
+    assert (spec().num_steps, spec().num_draft_tokens) == (5, 6)
+    assert (spec("--k", "3").num_steps, spec("--k", "3").num_draft_tokens) == (3, 4)
+    assert spec("--num_draft_tokens", "4").num_steps == 3
+    assert spec("--num_steps", "4", "--topk", "4", "--num_draft_tokens", "16").max_nodes == 15
+    assert spec("--num_steps", "2", "--topk", "2", "--num_draft_tokens", "16").max_nodes == 6  # 2 + 2*2 candidates
+    with pytest.raises(UserError, match="--num_draft_tokens"):
+        spec("--topk", "2")
+    with pytest.raises(UserError, match="--k is the chain shorthand"):
+        spec("--k", "3", "--topk", "2")

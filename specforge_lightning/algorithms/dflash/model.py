@@ -27,25 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from specforge_lightning.algorithms.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
-from specforge_lightning.algorithms.target_weights import DraftConfigDict, target_geometry
+from specforge_lightning.algorithms.target_weights import TargetGeometry, target_geometry
 
 QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen3_next")
 
 
 @dataclass
-class DFlashConfig(DraftConfigDict):
+class DFlashConfig(TargetGeometry):
     """Shape of the draft: the target's layer geometry plus the block settings."""
 
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
-    vocab_size: int
     target_layer_ids: tuple[int, ...]
     mask_token_id: int
     num_hidden_layers: int = 1
@@ -62,10 +52,7 @@ class DFlashConfig(DraftConfigDict):
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
         if self.num_hidden_layers < 1:
             raise ValueError(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"only silu (SwiGLU) drafts are supported, got {self.hidden_act!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        self.check_layers(self.hidden_act)
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the embedding [0, {self.vocab_size})")
 

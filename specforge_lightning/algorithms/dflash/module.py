@@ -1,14 +1,9 @@
 """DFlash as a LightningModule: anchors, the block forward, the CE / D-PACE loss and block acceptance.
 
 Global loss normalisation (upstream: gradients are normalised by the denominator
-summed over all ranks and all accumulation micro-steps). ``training_step``
-returns the *numerator* of its micro-batch and adds its denominator to a running
-sum; ``on_before_optimizer_step`` (which Lightning calls after the last backward
-of the optimizer step, after AMP unscaling and before gradient clipping)
-all-reduces that sum to ``D`` and multiplies every gradient by ``W·A / D``
-(W = world size, whose mean DDP/FSDP already took; A = accumulate_grad_batches,
-which Lightning already divided the loss by). The gradient is then exactly
-``∇ Σ numerators / Σ denominators`` over the whole optimizer step, independent
+summed over all ranks and all accumulation micro-steps), as ``TokenNormalizedDraftModule``
+does it: ``training_step`` returns the *numerator* of its micro-batch, and the gradient is
+exactly ``∇ Σ numerators / Σ denominators`` over the whole optimizer step, independent
 of how the tokens are spread across ranks and micro-batches. The logged
 ``train/loss`` is the ratio of the step's counts summed across ranks.
 
@@ -19,19 +14,16 @@ on any world size. Validation uses step -1: fixed anchors per sample.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torchmetrics import Metric
 
-from specforge_lightning.algorithms.draft_module import LazyDraftModule
-from specforge_lightning.algorithms.target_weights import (
-    load_target_tensors,
-    read_target_config,
-    target_head_name,
-)
+from specforge_lightning.algorithms.draft_module import TokenNormalizedDraftModule
+from specforge_lightning.algorithms.target_weights import EMBEDDING, load_frozen_head, read_target_config
 from specforge_lightning.algorithms.dflash.loss import (
     LOSS_TYPES,
     BlockCounts,
@@ -104,7 +96,7 @@ class BlockAcceptanceMetric(Metric):
         }
 
 
-class DFlashModule(LazyDraftModule):
+class DFlashModule(TokenNormalizedDraftModule):
     """Train a DFlash block draft (upstream defaults: 1 layer, block 16, 512 anchors, lr 6e-4).
 
     Args:
@@ -170,7 +162,6 @@ class DFlashModule(LazyDraftModule):
         P = self.num_positions
         self.train_acceptance = BlockAcceptanceMetric(P, dist_sync_on_step=True)
         self.val_acceptance = BlockAcceptanceMetric(P)
-        self._den_accum = torch.zeros((), dtype=torch.float64)
 
     @property
     def num_positions(self) -> int:
@@ -202,12 +193,8 @@ class DFlashModule(LazyDraftModule):
 
     def _build(self, context: FeatureContext, config: DFlashConfig, target_cfg: Mapping[str, Any]) -> None:
         draft = self.make_draft(config)
-        head_name = target_head_name(target_cfg)
-        dtype = getattr(torch, self.hparams.frozen_dtype) if self.hparams.frozen_dtype else None
-        tensors = load_target_tensors(context.target_dir, ["model.embed_tokens.weight", head_name], dtype=dtype)
-        if head_name not in tensors:  # untied config but no separate head in the files
-            head_name = "model.embed_tokens.weight"
-        draft.set_target_weights(tensors["model.embed_tokens.weight"], tensors[head_name])
+        tensors, head_name = load_frozen_head(context.target_dir, target_cfg, self.hparams.frozen_dtype)
+        draft.set_target_weights(tensors[EMBEDDING], tensors[head_name])
         self.draft = draft.to(self.device)
         # Frozen tensors are identical on every rank: keep DDP from re-broadcasting them.
         self._ddp_params_and_buffers_to_ignore = ["draft.embed_tokens.weight", "draft.lm_head.weight"]
@@ -261,54 +248,28 @@ class DFlashModule(LazyDraftModule):
         return self.compute_loss(batch)
 
     def _log_train(self, out: DFlashLossOutput, bs: int) -> None:
-        pooled = self.train_acceptance(out.counts, out.numerator, out.denominator)  # this step, summed over ranks
-        self.log("train/loss", pooled["loss"].float(), prog_bar=True, batch_size=bs)
-        self.log("train/acceptance_length", pooled["acceptance_length"].float(), prog_bar=True, batch_size=bs)
-        for k in range(self.num_positions):
-            self.log(f"train/acc_{k}", pooled["acc_k"][k].float(), batch_size=bs)
+        # This step's counts, summed over ranks.
+        self.log_train_pooled(self.train_acceptance(out.counts, out.numerator, out.denominator), bs)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.compute_loss(batch)
         self._log_train(out, int(self._tensors(batch)["input_ids"].shape[0]))
-        self._den_accum = self._den_accum.to(out.denominator.device) + out.denominator.detach().double()
+        self.add_denominator(out.denominator)
         return out.numerator  # normalised by the global denominator in on_before_optimizer_step
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        trainer = self.trainer
-        self.normalize_gradients(
-            optimizer, trainer.world_size, trainer.accumulate_grad_batches,
-            lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
-        )
-
-    def normalize_gradients(
-        self, optimizer: torch.optim.Optimizer, world_size: int, accumulate: int,
-        reduce_sum: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        """Scale the step's gradients by ``W·A / D`` (module docstring), once after its last backward.
-
-        The one home of the rescale: the Trainer reaches it through ``on_before_optimizer_step``, a
-        hand-written loop calls it directly; ``reduce_sum`` sums a tensor over all ranks.
-        """
-        total = reduce_sum(self._den_accum.to(self.device))
-        scale = world_size * accumulate / total.clamp_min(1e-12)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
-        self._den_accum = torch.zeros((), dtype=torch.float64, device=self.device)
-
-    def on_train_epoch_start(self) -> None:
-        self.train_acceptance.reset()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         out = self.compute_loss(batch, step=VAL_STEP)
         self.val_acceptance.update(out.counts, out.numerator, out.denominator)
 
-    def on_validation_epoch_end(self) -> None:
-        result = self.val_acceptance.compute()  # states are summed across ranks first
-        self.val_acceptance.reset()
-        self.log("val/loss", result["loss"].float(), sync_dist=True)
-        self.log("val/acceptance_length", result["acceptance_length"].float(), prog_bar=True, sync_dist=True)
-        self.log("val/acc", result["acc"].float(), sync_dist=True)
-        for k, a in enumerate(result["acc_k"]):
-            self.log(f"val/acc_{k}", a.float(), sync_dist=True)
+
+_DFLASH_ARGS = tuple(inspect.signature(DFlashModule.__init__).parameters)[1:]
+
+
+def dflash_args(init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """Of a subclass's ``__init__`` arguments (its ``locals()``), those ``DFlashModule.__init__`` takes.
+
+    A subclass still spells out its full signature (LightningCLI reads it) and forwards the
+    shared part with ``super().__init__(**dflash_args(locals()))``; what it does not offer
+    (``loss_type``, ``dpace_alpha``) keeps DFlash's default.
+    """
+    return {name: init_args[name] for name in _DFLASH_ARGS if name in init_args}

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from specforge_lightning.algorithms.dflash.loss import block_labels
-from specforge_lightning.algorithms.dflash.module import VAL_STEP, BlockAcceptanceMetric, DFlashModule
+from specforge_lightning.algorithms.dflash.module import VAL_STEP, BlockAcceptanceMetric, DFlashModule, dflash_args
 from specforge_lightning.algorithms.domino.loss import DominoLossOutput, domino_loss, lambda_base
 from specforge_lightning.algorithms.domino.model import DominoConfig, DominoDraft
 from specforge_lightning.contracts import FeatureContext, StrategySpec
@@ -65,13 +65,7 @@ class DominoModule(DFlashModule):
         anneal_by_time: bool = False,
         frozen_dtype: str | None = None,
     ) -> None:
-        super().__init__(
-            num_layers=num_layers, block_size=block_size, num_anchors=num_anchors,
-            loss_decay_gamma=loss_decay_gamma, mask_token_id=mask_token_id, qk_norm=qk_norm,
-            anchor_seed=anchor_seed, objective_chunk_rows=objective_chunk_rows, lr=lr, weight_decay=weight_decay,
-            betas=betas, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, anneal_by_time=anneal_by_time,
-            frozen_dtype=frozen_dtype,
-        )
+        super().__init__(**dflash_args(locals()))
         self.train_base = BlockAcceptanceMetric(self.num_positions, dist_sync_on_step=True)
         self.val_base = BlockAcceptanceMetric(self.num_positions)
 

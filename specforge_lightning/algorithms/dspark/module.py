@@ -18,7 +18,7 @@ import torch
 from torchmetrics import Metric
 
 from specforge_lightning.algorithms.dflash.loss import block_labels
-from specforge_lightning.algorithms.dflash.module import VAL_STEP, DFlashModule
+from specforge_lightning.algorithms.dflash.module import VAL_STEP, DFlashModule, dflash_args
 from specforge_lightning.algorithms.dspark.loss import TOKEN_SUMS, WEIGHTED_SUMS, DSparkLossOutput, dspark_loss
 from specforge_lightning.algorithms.dspark.model import DSparkConfig, DSparkDraft
 from specforge_lightning.contracts import FeatureContext, StrategySpec
@@ -107,13 +107,7 @@ class DSparkModule(DFlashModule):
         anneal_by_time: bool = False,
         frozen_dtype: str | None = None,
     ) -> None:
-        super().__init__(
-            num_layers=num_layers, block_size=block_size, num_anchors=num_anchors,
-            loss_decay_gamma=loss_decay_gamma, mask_token_id=mask_token_id, qk_norm=qk_norm,
-            anchor_seed=anchor_seed, objective_chunk_rows=objective_chunk_rows, lr=lr, weight_decay=weight_decay,
-            betas=betas, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, anneal_by_time=anneal_by_time,
-            frozen_dtype=frozen_dtype,
-        )
+        super().__init__(**dflash_args(locals()))
         if min(alpha_ce, alpha_l1, alpha_conf) < 0:
             raise ValueError(f"model.init_args.alpha_*: loss weights must be >= 0, got {alpha_ce}, {alpha_l1}, {alpha_conf}")
         if enable_confidence_head is False and alpha_conf > 0:

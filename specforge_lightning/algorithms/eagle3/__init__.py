@@ -33,6 +33,7 @@ ALGORITHM = Algorithm(
         "hf": ExportFormat(write=write_hf, needs_embedding=True, description="self-contained, reloads bit for bit"),
     },
     make_drafter=_drafter,
+    tree_drafting=True,
 )
 
 __all__ = [

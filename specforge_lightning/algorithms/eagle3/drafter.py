@@ -1,4 +1,4 @@
-"""Chain drafting with an EAGLE3 draft, for the speculative-decoding harness (``evaluation.speculative``).
+"""Chain and tree drafting with an EAGLE3 draft, for the speculative-decoding harness (``evaluation.speculative``).
 
 Indexing (the draft's training alignment): draft slot ``t`` holds the target's aux hidden
 state *of* token ``x_t`` next to the token *after* it, ``x_{t+1}``, at RoPE position ``t``,
@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from specforge_lightning.algorithms.base import VerifyingTarget, teacher_forced_aux
+from specforge_lightning.algorithms.base import DraftTree, TreeSpec, VerifyingTarget, teacher_forced_aux
 from specforge_lightning.algorithms.eagle3.model import Eagle3Cache, Eagle3Draft
+from specforge_lightning.algorithms.eagle3.tree import build_tree
 
 CHAIN_DRAFTING = "chain (top-1), verify k+1 tokens per target forward"
 CHAIN_SIMULATED_DEFINITION = (
@@ -28,7 +29,8 @@ class Eagle3Drafter:
     ``start``/``accept`` feed verified slots: the target's aux states (T, 3·H_t)
     of tokens ``x_t`` next to the tokens ``x_{t+1}`` that follow them. ``propose``
     extends the last verified slot ``k - 1`` times on the draft's own hidden
-    states; ``accept`` first drops those chain keys again.
+    states, ``propose_tree`` grows an EAGLE-2 tree instead; ``accept`` first drops
+    those drafted keys again.
     """
 
     description = CHAIN_DRAFTING
@@ -73,6 +75,11 @@ class Eagle3Drafter:
             logits, hidden, self.cache = self.draft.draft_step(ids, hidden, pos, self.cache)
             tokens.append(self._pick(logits[0, -1]))
         return tokens
+
+    def propose_tree(self, spec: TreeSpec) -> DraftTree:
+        """An EAGLE-2 tree (``eagle3.tree.build_tree``) after the verified text; ``accept`` drops its keys."""
+        assert self._logits is not None and self._hidden is not None, "start() first"
+        return build_tree(self.draft, self.cache, self.length, self._logits, self._hidden, spec)
 
     def accept(self, aux: torch.Tensor, next_ids: Sequence[int]) -> None:
         self.cache.truncate(self.length)

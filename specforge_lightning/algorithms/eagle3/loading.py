@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -24,6 +24,7 @@ from specforge_lightning.algorithms.target_weights import load_target_tensors
 NAME = "eagle3"
 DRAFT_PREFIX = "draft."
 SGLANG_ARCHITECTURES = ["LlamaForCausalLMEagle3"]
+D = TypeVar("D", bound=torch.nn.Module)
 
 
 def _loaded(draft: Eagle3Draft, source: str, kind: str, context: Mapping[str, Any]) -> LoadedDraft:
@@ -42,7 +43,14 @@ def _loaded(draft: Eagle3Draft, source: str, kind: str, context: Mapping[str, An
 
 
 def _build(config: Eagle3Config, state: Mapping[str, torch.Tensor], source: str) -> Eagle3Draft:
-    draft = Eagle3Draft(config)
+    return load_stored_state(Eagle3Draft(config), state, source)
+
+
+def load_stored_state(draft: D, state: Mapping[str, torch.Tensor], source: str) -> D:
+    """``draft`` holding exactly the stored ``state`` (its dtypes kept), frozen for drafting.
+
+    A missing or unexpected weight, or a wrong shape, is a DraftLoadError naming ``source``.
+    """
     expected = set(draft.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:

@@ -37,23 +37,13 @@ from specforge_lightning.algorithms.eagle3.attention import (
     softmax_attend,
 )
 from specforge_lightning.algorithms.layers import RMSNorm, SwiGLU, rope_cos_sin, rope_inv_freq
-from specforge_lightning.algorithms.target_weights import DraftConfigDict, target_geometry
+from specforge_lightning.algorithms.target_weights import TargetGeometry, target_geometry
 
 
 @dataclass
-class Eagle3Config(DraftConfigDict):
+class Eagle3Config(TargetGeometry):
     """Shape of the draft. ``from_target_config`` copies the target's layer geometry."""
 
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
-    vocab_size: int
     draft_vocab_size: int
     target_hidden_size: int
     aux_layer_ids: tuple[int, ...] = ()
@@ -62,10 +52,7 @@ class Eagle3Config(DraftConfigDict):
 
     def __post_init__(self) -> None:
         self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
-        if self.hidden_act != "silu":
-            raise ValueError(f"only silu (SwiGLU) drafts are supported, got {self.hidden_act!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        self.check_layers(self.hidden_act)
 
     @classmethod
     def from_target_config(
@@ -146,7 +133,31 @@ def shift_left(x: torch.Tensor, n: int = 1, fill: int | float = 0) -> torch.Tens
 # --------------------------------------------------------------------------- the draft
 
 
-class Eagle3Draft(nn.Module):
+class DraftVocabulary:
+    """The draft-vocabulary head EAGLE3 and P-EAGLE share: ``d2t``/``t2d`` buffers and ``lm_head(norm(h))``.
+
+    Mixed into an ``nn.Module`` that registers ``d2t``, ``t2d``, ``norm`` and ``lm_head``.
+    """
+
+    d2t: torch.Tensor
+    t2d: torch.Tensor
+    norm: nn.Module
+    lm_head: nn.Linear
+
+    def set_vocab_mapping(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map draft-vocab ids to target ids: ``draft_id + d2t[draft_id]``."""
+        return draft_ids + self.d2t[draft_ids]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits ``lm_head(norm(hidden))``."""
+        return self.lm_head(self.norm(hidden))
+
+
+class Eagle3Draft(DraftVocabulary, nn.Module):
     """EAGLE3 draft model (names as SGLang's ``LlamaForCausalLMEagle3``)."""
 
     def __init__(self, config: Eagle3Config) -> None:
@@ -171,19 +182,7 @@ class Eagle3Draft(nn.Module):
 
     # ---- vocabulary
 
-    def set_vocab_mapping(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-        self.d2t.copy_(d2t)
-        self.t2d.copy_(t2d)
-
-    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """Map draft-vocab ids to target ids: ``draft_id + d2t[draft_id]``."""
-        return draft_ids + self.d2t[draft_ids]
-
     # ---- building blocks
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Draft-vocab logits ``lm_head(norm(hidden))``."""
-        return self.lm_head(self.norm(hidden))
 
     def project_aux(self, aux_hidden: torch.Tensor) -> torch.Tensor:
         """``fc`` over the concatenated captured target layers (3·H_t → H)."""

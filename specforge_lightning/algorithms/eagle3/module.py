@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from specforge_lightning.algorithms.draft_module import LazyDraftModule
 from specforge_lightning.algorithms.target_weights import (
-    load_target_tensors,
+    EMBEDDING,
+    load_frozen_head,
     load_vocab_mapping,
     read_target_config,
-    target_head_name,
 )
 from specforge_lightning.algorithms.eagle3.init import Eagle3Initializer, SampleSource, assign_kv_heads
 from specforge_lightning.algorithms.eagle3.loss import (
@@ -126,17 +126,10 @@ class Eagle3Module(LazyDraftModule):
         self._build(context, config, target_cfg, fresh=True)
 
     def _build(self, context: FeatureContext, config: Eagle3Config, target_cfg: dict[str, Any], fresh: bool) -> None:
-        hp = self.hparams
         draft = Eagle3Draft(config)
-        head_name = target_head_name(target_cfg)
-        names = ["model.embed_tokens.weight", head_name]
-        if fresh:
-            names += [k for x in self.initializers for k in x.target_keys(target_cfg)]
-        dtype = getattr(torch, hp.frozen_dtype) if hp.frozen_dtype else None
-        tensors = load_target_tensors(context.target_dir, names, dtype=dtype)
-        if head_name not in tensors:  # untied config but no separate head in the files
-            head_name = "model.embed_tokens.weight"
-        draft.embed_tokens.weight = tensors["model.embed_tokens.weight"]
+        extra = [k for x in self.initializers for k in x.target_keys(target_cfg)] if fresh else []
+        tensors, head_name = load_frozen_head(context.target_dir, target_cfg, self.hparams.frozen_dtype, extra)
+        draft.embed_tokens.weight = tensors[EMBEDDING]
         if fresh:  # a restored checkpoint carries d2t/t2d itself
             draft.set_vocab_mapping(
                 *load_vocab_mapping(context.vocab_mapping_path, config.vocab_size, config.draft_vocab_size)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from specforge_lightning.algorithms.base import DraftLoadError, LoadedDraft, LoadOptions
+from specforge_lightning.algorithms.eagle3.loading import load_stored_state
 from specforge_lightning.algorithms.export_files import context_essentials, read_weights, write_folder
 from specforge_lightning.algorithms.peagle.model import PEagleConfig, PEagleDraft
 
@@ -75,18 +76,7 @@ def _build(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], source:
         draft = PEagleDraft(PEagleConfig.from_dict(config))
     except (TypeError, ValueError, KeyError) as e:
         raise DraftLoadError(f"{source}: the stored P-EAGLE draft config is invalid ({e})") from e
-    expected = set(draft.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise DraftLoadError(
-            f"{source}: draft weights do not fit the stored config "
-            f"(missing {sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]})"
-        )
-    try:
-        draft.load_state_dict(dict(state), strict=True, assign=True)  # assign keeps the stored dtype
-    except RuntimeError as e:
-        raise DraftLoadError(f"{source}: draft weights do not fit the stored config ({e})") from e
-    return draft.eval().requires_grad_(False)
+    return load_stored_state(draft, state, source)
 
 
 def load_checkpoint(path: Path, ckpt: Mapping[str, Any], options: LoadOptions) -> LoadedDraft:

@@ -24,29 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from specforge_lightning.algorithms.eagle3.attention import Attend, Eagle3Attention, Eagle3Cache, softmax_attend
-from specforge_lightning.algorithms.eagle3.model import Eagle3DecoderLayer, shift_left
+from specforge_lightning.algorithms.eagle3.model import DraftVocabulary, Eagle3DecoderLayer, shift_left
 from specforge_lightning.algorithms.layers import RMSNorm, SwiGLU, rope_cos_sin, rope_inv_freq
 from specforge_lightning.algorithms.peagle.sampling import Elements
-from specforge_lightning.algorithms.target_weights import DraftConfigDict, target_geometry
+from specforge_lightning.algorithms.target_weights import TargetGeometry, target_geometry
 
 
 @dataclass
-class PEagleConfig(DraftConfigDict):
+class PEagleConfig(TargetGeometry):
     """Shape of the draft; ``from_target_config`` copies the target's layer geometry.
 
     ``num_depths`` is how many tokens one forward drafts (the depths it was trained on).
     """
 
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
-    vocab_size: int
     draft_vocab_size: int
     target_hidden_size: int
     mask_token_id: int
@@ -58,10 +48,7 @@ class PEagleConfig(DraftConfigDict):
 
     def __post_init__(self) -> None:
         self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
-        if self.hidden_act != "silu":
-            raise ValueError(f"only silu (SwiGLU) drafts are supported, got {self.hidden_act!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        self.check_layers(self.hidden_act)
         if self.num_hidden_layers < 1 or self.num_depths < 1:
             raise ValueError(f"num_hidden_layers and num_depths must be >= 1 ({self.num_hidden_layers}, {self.num_depths})")
         if not 0 <= self.mask_token_id < self.vocab_size:
@@ -117,7 +104,7 @@ def cached_attend(cache: Eagle3Cache) -> Attend:
     return attend
 
 
-class PEagleDraft(nn.Module):
+class PEagleDraft(DraftVocabulary, nn.Module):
     """The parallel multi-depth draft (names as upstream ``PEagleDraftModel``)."""
 
     def __init__(self, config: PEagleConfig) -> None:
@@ -135,19 +122,7 @@ class PEagleDraft(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=c.initializer_range)
 
-    # ---- vocabulary and pieces
-
-    def set_vocab_mapping(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-        self.d2t.copy_(d2t)
-        self.t2d.copy_(t2d)
-
-    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """``draft_id + d2t[draft_id]``."""
-        return draft_ids + self.d2t[draft_ids]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary logits ``lm_head(norm(hidden))``."""
-        return self.lm_head(self.norm(hidden))
+    # ---- pieces
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config

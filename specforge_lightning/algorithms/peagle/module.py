@@ -1,11 +1,8 @@
 """P-EAGLE as a LightningModule: COD-sampled elements, one parallel draft forward, the soft-CE loss.
 
-Global loss normalisation, as DFlash: ``training_step`` returns the numerator of its
-micro-batch and adds its denominator (elements carrying loss) to a running sum;
-``on_before_optimizer_step`` (after the last backward, after AMP unscaling, before clipping)
-all-reduces the sum to ``D`` and multiplies every gradient by ``W·A / D`` (W = world size,
-whose mean DDP already took; A = accumulate_grad_batches, which Lightning divided by). The
-step's gradient is then ``∇ Σ numerators / Σ denominators`` whatever the batch size, the
+Global loss normalisation, as DFlash (``TokenNormalizedDraftModule``): ``training_step``
+returns the numerator of its micro-batch and counts its denominator (elements carrying loss),
+so the step's gradient is ``∇ Σ numerators / Σ denominators`` whatever the batch size, the
 micro-batching or the number of ranks (upstream trains batch 1 only).
 
 COD elements are drawn per sample from ``(cod_seed, global_step, sample id)``, so a resumed
@@ -21,17 +18,17 @@ import torch
 
 from specforge_lightning.algorithms.dflash.loss import anchor_seed
 from specforge_lightning.algorithms.dflash.module import resolve_mask_token_id
-from specforge_lightning.algorithms.draft_module import LazyDraftModule
+from specforge_lightning.algorithms.draft_module import TokenNormalizedDraftModule
 from specforge_lightning.algorithms.eagle3.loss import compute_teacher
 from specforge_lightning.algorithms.metrics import AcceptanceMetric
 from specforge_lightning.algorithms.peagle.loss import PEagleLossOutput, peagle_loss
 from specforge_lightning.algorithms.peagle.model import PEagleConfig, PEagleDraft
 from specforge_lightning.algorithms.peagle.sampling import document_ids, sample_elements, supervised_mask
 from specforge_lightning.algorithms.target_weights import (
-    load_target_tensors,
+    EMBEDDING,
+    load_frozen_head,
     load_vocab_mapping,
     read_target_config,
-    target_head_name,
 )
 from specforge_lightning.contracts import FeatureContext, StrategySpec
 
@@ -56,7 +53,7 @@ class DepthMetric(AcceptanceMetric):
         return {**super().compute(), "loss": self.loss_num / self.loss_den.clamp_min(1.0)}
 
 
-class PEagleModule(LazyDraftModule):
+class PEagleModule(TokenNormalizedDraftModule):
     """Train a P-EAGLE draft (upstream defaults: 4 layers, 8 depths, ratio 0.8, min 0.2, lr 1e-4).
 
     Args:
@@ -81,6 +78,7 @@ class PEagleModule(LazyDraftModule):
         resume_strict_hparams=("num_depths", "down_sample_ratio", "down_sample_ratio_min", "cod_seed"),
     )
     checkpoint_key: ClassVar[str] = CHECKPOINT_KEY
+    denominator_floor: ClassVar[float] = 1.0  # D counts whole elements
 
     def __init__(
         self,
@@ -111,7 +109,6 @@ class PEagleModule(LazyDraftModule):
         self.register_buffer("teacher_head", None, persistent=False)
         self.train_acceptance = DepthMetric(num_depths, dist_sync_on_step=True)
         self.val_acceptance = DepthMetric(num_depths)
-        self._den_accum = torch.zeros((), dtype=torch.float64)
 
     # ------------------------------------------------------------------ building
 
@@ -132,14 +129,10 @@ class PEagleModule(LazyDraftModule):
 
     def _build(self, context: FeatureContext, config: PEagleConfig, target_cfg: Mapping[str, Any], fresh: bool) -> None:
         draft = PEagleDraft(config)
-        head_name = target_head_name(target_cfg)
-        dtype = getattr(torch, self.hparams.frozen_dtype) if self.hparams.frozen_dtype else None
-        tensors = load_target_tensors(context.target_dir, ["model.embed_tokens.weight", head_name], dtype=dtype)
-        if head_name not in tensors:  # untied config but no separate head in the files
-            head_name = "model.embed_tokens.weight"
+        tensors, head_name = load_frozen_head(context.target_dir, target_cfg, self.hparams.frozen_dtype)
         if fresh:  # a restored checkpoint carries its trained embedding and mapping itself
             with torch.no_grad():
-                draft.embed_tokens.weight.copy_(tensors["model.embed_tokens.weight"].float())
+                draft.embed_tokens.weight.copy_(tensors[EMBEDDING].float())
             draft.set_vocab_mapping(
                 *load_vocab_mapping(context.vocab_mapping_path, config.vocab_size, config.draft_vocab_size)
             )
@@ -188,37 +181,12 @@ class PEagleModule(LazyDraftModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.compute_loss(batch)
         bs = int(self._tensors(batch)["input_ids"].shape[0])
-        pooled = self.train_acceptance(out)  # this step's counts, summed over ranks
-        self.log("train/loss", pooled["loss"].float(), prog_bar=True, batch_size=bs)
-        self.log("train/acceptance_length", pooled["acceptance_length"].float(), prog_bar=True, batch_size=bs)
-        for d in range(self.hparams.num_depths):
-            self.log(f"train/acc_{d}", pooled["acc_k"][d].float(), batch_size=bs)
-        self._den_accum = self._den_accum.to(out.denominator.device) + out.denominator.detach().double()
+        self.log_train_pooled(self.train_acceptance(out), bs)  # this step's counts, summed over ranks
+        self.add_denominator(out.denominator)
         return out.numerator  # normalised by the global denominator in on_before_optimizer_step
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        total = self.trainer.strategy.reduce(self._den_accum.to(self.device), reduce_op="sum")
-        scale = self.trainer.world_size * self.trainer.accumulate_grad_batches / total.clamp_min(1.0)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
-        self._den_accum = torch.zeros((), dtype=torch.float64, device=self.device)
-
-    def on_train_epoch_start(self) -> None:
-        self.train_acceptance.reset()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.val_acceptance.update(self.compute_loss(batch, step=VAL_STEP))
-
-    def on_validation_epoch_end(self) -> None:
-        result = self.val_acceptance.compute()  # states are summed across ranks first
-        self.val_acceptance.reset()
-        self.log("val/loss", result["loss"].float(), sync_dist=True)
-        self.log("val/acceptance_length", result["acceptance_length"].float(), prog_bar=True, sync_dist=True)
-        self.log("val/acc", result["acc"].float(), sync_dist=True)
-        for d, a in enumerate(result["acc_k"]):
-            self.log(f"val/acc_{d}", a.float(), sync_dist=True)
 
 
 __all__ = ["CHECKPOINT_KEY", "DepthMetric", "PEagleModule"]

@@ -12,6 +12,12 @@ import torch
 from specforge_lightning.contracts import FeatureSpec, SampleRef
 
 
+Tensors = Mapping[str, torch.Tensor]
+"""One sample's named feature tensors, as a store takes them in ``put``."""
+Provenance = Mapping[str, Any] | None
+"""Where a sample came from (recorded in its ref); None when unknown."""
+
+
 class FeatureStoreError(RuntimeError):
     """A store refused an operation; the message names the sample and the reason."""
 
@@ -69,7 +75,6 @@ class FeatureStore(ABC):
     sample then); ``abort`` drops a sample that will never be consumed.
     """
 
-    @abstractmethod
     def put(
         self,
         tensors: Mapping[str, torch.Tensor],
@@ -77,7 +82,13 @@ class FeatureStore(ABC):
         *,
         strategy: str = "",
         provenance: Mapping[str, Any] | None = None,
-    ) -> SampleRef: ...
+    ) -> SampleRef:
+        """Store one sample; the public signature lives here once, each store writes in ``_put``."""
+        return self._put(tensors, sample_id, strategy, provenance)
+
+    @abstractmethod
+    def _put(self, tensors: Tensors, sample_id: str, strategy: str, provenance: Provenance) -> SampleRef:
+        """Write ``tensors`` as ``sample_id`` (``strategy``/``provenance`` go into its ref) and return the ref."""
 
     @abstractmethod
     def get(self, ref: SampleRef) -> tuple[dict[str, torch.Tensor], Lease]: ...

@@ -14,7 +14,7 @@ import torch
 
 from specforge_lightning.contracts import SampleRef
 from specforge_lightning.data.stores import shards
-from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, make_ref
+from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, Provenance, Tensors, make_ref
 
 
 def nbytes_of(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -58,14 +58,7 @@ class LocalFeatureStore(FeatureStore):
         self._lease_ids = itertools.count(1)
         self._counts = {"puts": 0, "gets": 0, "freed": 0, "aborted": 0}
 
-    def put(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        sample_id: str,
-        *,
-        strategy: str = "",
-        provenance: Mapping[str, Any] | None = None,
-    ) -> SampleRef:
+    def _put(self, tensors: Tensors, sample_id: str, strategy: str, provenance: Provenance) -> SampleRef:
         check_tensors(tensors, sample_id)
         # Materialise a private copy (on the tensors' own device) first: the ref is
         # published only once the sample is whole, and a producer may reuse its buffers.
@@ -184,14 +177,7 @@ class PreparedShardStore(FeatureStore):
         with self._lock:
             return self._handles.setdefault(path, (handle, threading.Lock()))
 
-    def put(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        sample_id: str,
-        *,
-        strategy: str = "",
-        provenance: Mapping[str, Any] | None = None,
-    ) -> SampleRef:
+    def _put(self, tensors: Tensors, sample_id: str, strategy: str, provenance: Provenance) -> SampleRef:
         raise FeatureStoreError(f"PreparedShardStore({self.root}) is read-only; cannot put sample {sample_id!r}")
 
     def get(self, ref: SampleRef) -> tuple[dict[str, torch.Tensor], Lease]:

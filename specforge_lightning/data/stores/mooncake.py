@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from specforge_lightning.contracts import SampleRef
-from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, specs_of
+from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, Provenance, Tensors, specs_of
 from specforge_lightning.data.stores.mooncake_io import (
     MIN_SEGMENT_BYTES,
     connect,
@@ -139,14 +139,7 @@ class MooncakeFeatureStore(FeatureStore):
         return self._client
 
     # ------------------------------------------------------------------ put
-    def put(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        sample_id: str,
-        *,
-        strategy: str = "",
-        provenance: Mapping[str, Any] | None = None,
-    ) -> SampleRef:
+    def _put(self, tensors: Tensors, sample_id: str, strategy: str, provenance: Provenance) -> SampleRef:
         """Write every tensor of a sample, or none: a failed put removes what it wrote, then raises."""
         if not tensors:
             raise FeatureStoreError(f"sample {sample_id}: nothing to put")

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from specforge_lightning.contracts import SampleRef
 from specforge_lightning.data.stores import shards
-from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, make_ref
+from specforge_lightning.data.stores.base import FeatureStore, FeatureStoreError, Lease, Provenance, Tensors, make_ref
 from specforge_lightning.data.stores.local import check_tensors, nbytes_of
 
 SAMPLE_FORMAT = "specforge-sample"
@@ -117,14 +117,7 @@ class SharedDirFeatureStore(FeatureStore):
 
     # -- FeatureStore ---------------------------------------------------------------------
 
-    def put(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        sample_id: str,
-        *,
-        strategy: str = "",
-        provenance: Mapping[str, Any] | None = None,
-    ) -> SampleRef:
+    def _put(self, tensors: Tensors, sample_id: str, strategy: str, provenance: Provenance) -> SampleRef:
         check_tensors(tensors, sample_id)
         nbytes = nbytes_of(tensors)
         if self.max_resident_bytes is not None:

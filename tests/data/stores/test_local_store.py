@@ -12,6 +12,7 @@ from specforge_lightning.contracts import SampleRef
 from specforge_lightning.data.stores.shards import write_shard
 from specforge_lightning.data.stores.base import FeatureStoreError
 from specforge_lightning.data.stores.local import LocalFeatureStore, PreparedShardStore
+from tests.data.stores.threaded import produce_while_consuming
 
 
 def _tensors(length: int = 4, fill: float = 1.0) -> dict[str, torch.Tensor]:
@@ -111,28 +112,8 @@ def test_bad_refs_and_inputs():
 
 def test_producer_thread_puts_while_consumer_gets():
     store = LocalFeatureStore(consume_once=True)
-    refs: list[SampleRef] = []
-    ready = threading.Condition()
     n = 200
-
-    def produce():
-        for i in range(n):
-            ref = store.put({"x": torch.full((3,), float(i))}, f"s{i}")
-            with ready:
-                refs.append(ref)
-                ready.notify()
-
-    thread = threading.Thread(target=produce)
-    thread.start()
-    seen = []
-    for i in range(n):
-        with ready:
-            ready.wait_for(lambda: len(refs) > i, timeout=10)
-            ref = refs[i]
-        got, lease = store.get(ref)
-        seen.append(float(got["x"][0]))
-        store.release(lease)
-    thread.join()
+    seen = produce_while_consuming(store, n, length=3)
     assert seen == [float(i) for i in range(n)]
     assert store.health()["resident_samples"] == 0 and store.health()["freed"] == n
 

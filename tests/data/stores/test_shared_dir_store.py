@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 from specforge_lightning.contracts import SampleRef
 from specforge_lightning.data.stores.base import FeatureStoreError
 from specforge_lightning.data.stores.shared_dir import SharedDirFeatureStore
+from tests.data.stores.threaded import produce_while_consuming
 
 
 def _tensors(length: int = 4, fill: float = 1.0) -> dict[str, torch.Tensor]:
@@ -167,27 +167,7 @@ def test_odd_sample_ids_are_safe_file_names(tmp_path):
 
 def test_concurrent_producer_and_consumer_threads(tmp_path):
     store = SharedDirFeatureStore(tmp_path)
-    refs: list[SampleRef] = []
-    lock = threading.Condition()
     n = 40
-
-    def produce():
-        for i in range(n):
-            ref = store.put({"x": torch.full((2,), float(i))}, f"s{i}")
-            with lock:
-                refs.append(ref)
-                lock.notify()
-
-    thread = threading.Thread(target=produce)
-    thread.start()
-    values = []
-    for i in range(n):
-        with lock:
-            lock.wait_for(lambda: len(refs) > i, timeout=10)
-            ref = refs[i]
-        got, lease = store.get(ref)
-        values.append(float(got["x"][0]))
-        store.release(lease)
-    thread.join()
+    values = produce_while_consuming(store, n, length=2)
     assert values == [float(i) for i in range(n)]
     assert store.health()["resident_samples"] == 0
