@@ -258,9 +258,13 @@ class RedisLedger(Ledger):
             ) from None
         self._errors = (redis.ConnectionError, redis.TimeoutError)
         a = self.address
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # No client-side retries: a lease or an ack sent twice is not idempotent, and the bounds above must hold.
         self._client: Any = redis.Redis(
             host=a.host, port=a.port, db=a.db, password=a.password, decode_responses=True,
-            socket_connect_timeout=connect_timeout_s, socket_timeout=op_timeout_s,
+            socket_connect_timeout=connect_timeout_s, socket_timeout=op_timeout_s, retry=Retry(NoBackoff(), 0),
         )
         try:
             self._client.ping()

@@ -116,7 +116,11 @@ def run_case(name: str, workdir: Path) -> dict[str, Any]:
 
 def run_case_fresh(name: str, workdir: Path) -> dict[str, Any]:
     """``run_case`` in a new interpreter: BLAS kernels may round differently with the heap's history."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # A fixed, minimal environment: the case must not depend on what the calling process set
+    # (a test suite leaves variables behind, and the heap's start-up layout follows the environment).
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "SPECFORGE_CACHE", "LANG") if k in os.environ}
+    env = {**keep, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.golden.runner", "case", name, str(workdir)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,

@@ -25,6 +25,7 @@ from specforge_lightning.callbacks import GracefulPreemption, ResumeState, SpecF
 from specforge_lightning.datamodules import FeatureDataModule
 from specforge_lightning.data.stores.shards import write_shard
 from specforge_lightning.data.vocab import build_vocab_mapping, save_vocab_mapping
+from specforge_lightning.target.identity import target_identity
 from specforge_lightning.target.prepare import PrepareConfig
 from specforge_lightning.target.zoo import resolve_target
 
@@ -68,8 +69,8 @@ def make_features(features: str | Path, num_train: int = 24, num_val: int = 8, s
     save_vocab_mapping(out / "vocab_mapping.safetensors", d2t, t2d)
     manifest = {
         **{k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "extra", "cache_dir", "batch_size")},
-        "schema_version": 1, "layer_ids": layers, "target_weights_hash": "test", "tokenizer_hash": "test",
-        "chat_template_hash": "test", "format": "specforge-features", "target_id": TARGET, "hidden_size": hidden,
+        "schema_version": 1, "layer_ids": layers, **target_identity(resolve_target(TARGET)),
+        "format": "specforge-features", "target_id": TARGET, "hidden_size": hidden,
         "num_layers": target_cfg["num_hidden_layers"], "vocab_size": vocab,
         "vocab_mapping": "vocab_mapping.safetensors", "complete": True, "splits": splits,
     }
