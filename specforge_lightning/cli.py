@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from specforge_lightning.config_files import RUN_CONFIG, check_fields, load_yaml, model_class_path, section
+from specforge_lightning.config_files import nested_null_resets
 from specforge_lightning.errors import UserError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -208,7 +209,7 @@ def run_lightning(args: Sequence[str]) -> None:
     ``sys.argv[1:]``; so the command line stays in ``sys.argv`` while the CLI runs (and
     LightningCLI reads it from there), also when ``main(argv)`` is called from Python.
     """
-    given = _given_logger_save_dirs(args)
+    args, given = nested_null_resets(args), _given_logger_save_dirs(args)
     if given:
         raise UserError(
             f"logger save_dir is set ({'; '.join(given)}), but loggers write under trainer.default_root_dir, the run's "

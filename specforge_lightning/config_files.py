@@ -9,7 +9,8 @@ naming the file and, for a syntax error, the line.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,27 @@ def run_config_of(checkpoint: str | Path) -> Path | None:
         return None
     saved = path.parent.parent / RUN_CONFIG
     return saved if saved.is_file() else None
+
+
+def nested_null_resets(args: Sequence[str]) -> list[str]:
+    """``--a.init_args.b.c=null`` rewritten as ``--a.init_args.b={"c": null}``, which jsonargparse applies.
+
+    jsonargparse rejects a dotted ``null`` for a field of a dataclass nested in a subclass's
+    init_args (it hands the dataclass the string "None"); the JSON form of the parent resets the one
+    field and keeps the others. Other arguments pass unchanged.
+    """
+    nulls = ("null", "None")
+    out: list[str] = []
+    items, i = list(args), 0
+    while i < len(items):
+        key, eq, value = items[i].partition("=")
+        spaced = not eq and i + 1 < len(items) and items[i + 1] in nulls
+        value = items[i + 1] if spaced else value
+        parts = key.removeprefix("--").split(".")
+        if key.startswith("--") and (eq or spaced) and value in nulls and "init_args" in parts[:-2]:
+            out.append(f"--{'.'.join(parts[:-1])}={json.dumps({parts[-1]: None})}")
+            i += 2 if spaced else 1
+            continue
+        out.append(items[i])
+        i += 1
+    return out

@@ -51,3 +51,27 @@ def test_refusals_of_the_callbacks_are_user_errors():
     from specforge_lightning.callbacks import CheckpointError, ResumeMismatchError
 
     assert issubclass(CheckpointError, UserError) and issubclass(ResumeMismatchError, UserError)
+
+
+def test_a_nested_optional_field_is_reset_to_null_from_the_command_line():
+    from specforge_lightning.config_files import nested_null_resets
+
+    args = ["fit", "--config", "c.yaml", "--data.init_args.prepare.regenerate_samples=null",
+            "--data.init_args.prepare.max_messages", "null", "--trainer.max_time=null", "--model.init_args.lr=1e-3"]
+    assert nested_null_resets(args) == [
+        "fit", "--config", "c.yaml", '--data.init_args.prepare={"regenerate_samples": null}',
+        '--data.init_args.prepare={"max_messages": null}', "--trainer.max_time=null", "--model.init_args.lr=1e-3",
+    ]
+
+
+def test_fit_accepts_a_null_reset_of_a_prepare_field(capsys):
+    import yaml
+
+    from specforge_lightning import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["fit", "--config", "configs/eagle3-tiny.yaml", "--data.init_args.prepare.max_messages=7",
+                  "--data.init_args.prepare.max_messages=null", "--print_config"])
+    assert done.value.code in (0, None)
+    prepare = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["prepare"]
+    assert prepare["max_messages"] is None and prepare["output_dir"] == "outputs/features/eagle3-tiny"
