@@ -21,6 +21,7 @@ from specforge_lightning.control.ledger import (
 from specforge_lightning.control.ledger_uri import open_ledger
 from specforge_lightning.control.redis_ledger import RedisLedger
 from specforge_lightning.control.sqlite_ledger import SqliteLedger
+from tests.control.restart_checks import assert_restarted_ledger_state
 
 FAR = 1e12  # a "now" after every lease deadline
 
@@ -237,11 +238,7 @@ def test_sqlite_restart_keeps_acks_and_unacked_refs(tmp_path):
     lg.close()  # the trainer dies holding s2
 
     lg = SqliteLedger(path)
-    assert lg.counts() == {"published": 6, "queued": 3, "leased": 1, "acked": 2, "failed": 0}
-    assert lg.leased_by("a") == ["s2"]
-    assert lg.expire_leases(now=200.0) == 1
-    assert ids(lg.lease("b", 10, 60)) == ["s2", "s3", "s4", "s5"]  # nothing acked replays, nothing lost
-    assert lg.ack("b", ["s0"]) == 0
+    assert_restarted_ledger_state(lg)
     lg.close()
     with pytest.raises(RuntimeError, match="closed"):
         lg.depth()

@@ -28,6 +28,7 @@ from specforge_lightning.control.redis_ledger import (
     parse_redis_url,
 )
 from specforge_lightning.control.sqlite_ledger import SqliteLedger
+from tests.control.restart_checks import assert_restarted_ledger_state
 from tests.control.test_ledger import ids, ref, refs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,11 +165,7 @@ def test_the_ledger_survives_a_redis_restart_with_aof(private_redis, how):
     private_redis.start()
 
     again = RedisLedger(url)
-    assert again.counts() == {"published": 6, "queued": 3, "leased": 1, "acked": 2, "failed": 0}
-    assert again.leased_by("a") == ["s2"]
-    assert again.expire_leases(now=200.0) == 1
-    assert ids(again.lease("b", 10, 60)) == ["s2", "s3", "s4", "s5"]  # nothing acked replays, nothing lost
-    assert again.ack("b", ["s0"]) == 0
+    assert_restarted_ledger_state(again)
     assert lg.counts()["leased"] == 4  # the old client reconnects on its own
     lg.close()
     again.close()

@@ -8,58 +8,28 @@ process (scripts/run_rank.py, launched like torchrun does); every rank's exit co
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.fabric.common import features, same_rows, same_weights
+from tests.integration.rank_launch import launch_ranks, logs_tail
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_rank.py"
-REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out: Path, *args: str, timeout: float = 240) -> list[int]:
     """run_rank.py on ``WORLD`` ranks; each rank's exit code (every process is gone afterwards)."""
     out.mkdir(parents=True)
-    port = str(_free_port())
-    procs = []
-    for rank in range(WORLD):
-        env = {
-            **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-            "LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-        }
-        log = open(out / f"stdout_rank{rank}.txt", "w")
-        cmd = [sys.executable, str(SCRIPT), "--out", str(out), *args]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = time.monotonic() + timeout
-    try:
-        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    return launch_ranks(SCRIPT, WORLD, out, "--out", str(out), *args, timeout=timeout)
 
 
 def _tail(out: Path) -> str:
-    return "\n".join(f"--- rank {r}:\n" + (out / f"stdout_rank{r}.txt").read_text()[-3000:] for r in range(WORLD))
+    return logs_tail(out, WORLD)
 
 
 @pytest.fixture(scope="module")

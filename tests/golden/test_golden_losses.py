@@ -1,6 +1,9 @@
 """The per-step losses and final weights of fixed-seed fits, recorded before the algorithm seam moved code.
 
-Bit for bit: a refactor that changes any arithmetic (order of a sum, a dtype, a seed draw) fails here.
+On the CPU kind that recorded them, bit for bit: a refactor that changes any arithmetic (order
+of a sum, a dtype, a seed draw) fails here. On another kind (AVX2 against AVX512, with or
+without native bf16) the kernels round differently, so losses and the weights' norm are
+compared to a relative tolerance far below what a changed formula moves.
 Record again only for a change that means to alter training: ``python -m tests.golden.runner record``.
 """
 
@@ -10,14 +13,29 @@ import json
 
 import pytest
 
-from tests.golden.runner import CASES, GOLDEN, run_case_fresh
+from tests.golden.runner import CASES, GOLDEN, machine_kind, run_case_fresh
+
+# Observed against the AVX512+bf16 recording: CI's machine 1.6e-6 relative; this machine with
+# ATEN_CPU_CAPABILITY=avx2, 9.8e-5 on the losses and 4.2e-7 on the weights' norm after 8 steps.
+LOSS_RTOL = 1e-3
+WEIGHTS_NORM_RTOL = 1e-5
+
+
+def _floats(hexes: list[str]) -> list[float]:
+    return [float.fromhex(h) for h in hexes]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_losses_and_weights_are_bit_identical_to_the_recording(name, tmp_path):
-    expected = json.loads(GOLDEN.read_text())[name]
+def test_losses_and_weights_match_the_recording(name, tmp_path):
+    recording = json.loads(GOLDEN.read_text())
+    expected = recording["cases"][name]
     got = run_case_fresh(name, tmp_path)
     assert len(got["losses"]) == len(expected["losses"]) > 0
-    assert got["losses"] == expected["losses"]
-    assert got["weights"] == expected["weights"]
+    if recording["machine"] == machine_kind():
+        assert got["losses"] == expected["losses"]
+        assert got["weights"] == expected["weights"]
+        assert got["weights_norm"] == expected["weights_norm"]
+    else:
+        assert _floats(got["losses"]) == pytest.approx(_floats(expected["losses"]), rel=LOSS_RTOL)
+        assert float.fromhex(got["weights_norm"]) == pytest.approx(float.fromhex(expected["weights_norm"]), rel=WEIGHTS_NORM_RTOL)

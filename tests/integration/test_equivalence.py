@@ -9,8 +9,6 @@ Offline and disaggregated also agree with two gloo DDP ranks.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 import threading
 import uuid
@@ -21,7 +19,8 @@ import torch
 from specforge_lightning.data.stores.spec import StoreSpec
 from specforge_lightning.datamodules import StreamDataModule
 from specforge_lightning.target.producer import ProducerConfig, run_producer
-from tests.integration.conftest import REPO, assert_same_weights, child_env, fit, free_port, prepare_dict
+from tests.integration.conftest import assert_same_weights, fit, prepare_dict
+from tests.integration.rank_launch import run_two_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +32,9 @@ def _assert_same_run(run, reference) -> None:
     assert_same_weights(weights, ref_weights)  # ... and the same final draft
 
 
-def _disaggregated(cfg, tmp_path, store: StoreSpec):
-    """Producer on a thread (as it would run in another terminal), trainer here."""
-    producer = ProducerConfig(prepare=cfg, ledger=str(tmp_path / "stream" / "ledger.sqlite"), store=store)
+def _disaggregated(cfg, tmp_path, store: StoreSpec, ledger: str | None = None):
+    """Producer on a thread (as it would run in another terminal), trainer here; a SQLite ledger unless given."""
+    producer = ProducerConfig(prepare=cfg, ledger=ledger or str(tmp_path / "stream" / "ledger.sqlite"), store=store)
     errors: list[BaseException] = []
 
     def produce() -> None:
@@ -154,26 +153,7 @@ def test_two_ranks_offline_equals_disaggregated(offline_features, tmp_path):
     script.write_text(DDP_SCRIPT)
     args = json.dumps({"prepare": prepare_dict(offline_features), "ledger": producer.ledger,
                        "store": {"kind": "shared_dir", "root": store.root}, "out": str(tmp_path)})
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
-                          NODE_RANK="0"),
-        )
-        for r in range(2)
-    ]
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=150)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for rank, (p, text) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{text[-3000:]}"
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = run_two_ranks(script, args, tmp_path)
     for rank, res in enumerate(results):
         assert res["ledger"]["ids"] == res["offline"]["ids"], rank
         assert res["ledger"]["losses"] == res["offline"]["losses"], rank

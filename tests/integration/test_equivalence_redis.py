@@ -5,20 +5,17 @@ weights, on one rank and on two gloo DDP ranks (real redis-server: tests/control
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import threading
 
 import pytest
 import torch
 
 from specforge_lightning.control.redis_ledger import RedisLedger
 from specforge_lightning.data.stores.spec import StoreSpec
-from specforge_lightning.datamodules import StreamDataModule
 from specforge_lightning.target.producer import ProducerConfig, run_producer
 from tests.control.conftest import redis_server  # noqa: F401  (the fixture, shared)
-from tests.integration.conftest import REPO, assert_same_weights, child_env, fit, free_port, prepare_dict
-from tests.integration.test_equivalence import DDP_SCRIPT, _assert_same_run
+from tests.integration.conftest import assert_same_weights, prepare_dict
+from tests.integration.rank_launch import run_two_ranks
+from tests.integration.test_equivalence import DDP_SCRIPT, _assert_same_run, _disaggregated
 
 pytestmark = pytest.mark.slow
 
@@ -26,22 +23,7 @@ pytestmark = pytest.mark.slow
 def test_disaggregated_redis_ledger_equals_offline(offline_features, offline_run, tmp_path, redis_server):
     store = StoreSpec(kind="shared_dir", root=str(tmp_path / "store"))
     ledger = redis_server.url(dir=str(tmp_path / "stream"))
-    producer = ProducerConfig(prepare=offline_features, ledger=ledger, store=store)
-    errors: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            run_producer(producer)
-        except BaseException as e:  # noqa: BLE001 - surfaced below
-            errors.append(e)
-
-    thread = threading.Thread(target=produce)  # as it would run on another host
-    thread.start()
-    try:
-        run = fit(StreamDataModule(source="ledger", prepare=offline_features, batch_size=2, ledger=ledger, store=store))
-    finally:
-        thread.join(60)
-    assert not errors, errors
+    run, _ = _disaggregated(offline_features, tmp_path, store, ledger=ledger)  # the producer as on another host
     _assert_same_run(run, offline_run)
     with RedisLedger(ledger) as lg:
         counts = lg.counts()
@@ -60,26 +42,7 @@ def test_two_ranks_offline_equals_disaggregated_redis(offline_features, tmp_path
     script.write_text(DDP_SCRIPT)
     args = json.dumps({"prepare": prepare_dict(offline_features), "ledger": ledger,
                        "store": {"kind": "shared_dir", "root": store.root}, "out": str(tmp_path)})
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
-                          NODE_RANK="0"),
-        )
-        for r in range(2)
-    ]
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=150)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for rank, (p, text) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{text[-3000:]}"
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = run_two_ranks(script, args, tmp_path)
     for rank, res in enumerate(results):
         assert res["ledger"]["ids"] == res["offline"]["ids"], rank
         assert res["ledger"]["losses"] == res["offline"]["losses"], rank

@@ -10,15 +10,13 @@ strategy on 2 GPUs.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 
-from tests.integration.conftest import REPO, child_env, free_port
+from tests.integration.rank_launch import run_ranks
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_resume.py"
@@ -30,25 +28,7 @@ def test_lightning_fsdp_refuses_cpu_with_this_message():
 
 
 def _launch(out: Path, *args: str) -> None:
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
-            env=child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", LOCAL_RANK=str(r), NODE_RANK="0"),
-        )
-        for r in range(2)
-    ]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=150)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for r, (p, text) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r}: {text[-3000:]}"
+    run_ranks([sys.executable, str(SCRIPT), "--out", str(out), *args], set_rank=False)
 
 
 def _losses(out: Path, tag: str) -> list[list[float]]:

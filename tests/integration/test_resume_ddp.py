@@ -8,58 +8,28 @@ between tests through a module-scoped cache, so the whole file costs ~9 launches
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.integration.rank_launch import launch_ranks, logs_tail
 from tests.integration.scripts.common import assert_same, make_features, read_rows
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 SCRIPT = Path(__file__).parent / "scripts" / "train.py"
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world: int, out: Path, *args: str, timeout: float = 120) -> list[int]:
     """Run train.py on ``world`` ranks; returns each rank's exit code (every process is gone afterwards)."""
-    port = str(_free_port())
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-            "LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-        }
-        log = open(out / f"stdout_rank{rank}.txt", "w")
-        cmd = [sys.executable, str(SCRIPT), "--devices", str(world), "--out", str(out), *args]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = time.monotonic() + timeout
-    try:
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    return codes
+    return launch_ranks(SCRIPT, world, out, "--devices", str(world), "--out", str(out), *args, timeout=timeout)
 
 
 def _tail(out: Path, world: int) -> str:
-    return "\n".join(f"--- rank {r}:\n" + (out / f"stdout_rank{r}.txt").read_text()[-3000:] for r in range(world))
+    return logs_tail(out, world)
 
 
 class Runs:

@@ -19,14 +19,13 @@ import torch
 from specforge_lightning.contracts import StrategySpec
 from specforge_lightning.control.producer import PROGRESS, ProducerProgress, read_stream_manifest, stream_file
 from specforge_lightning.control.sqlite_ledger import SqliteLedger
-from specforge_lightning.data.ledger_stream import RankedLedgerStream
-from specforge_lightning.data.loader import FeatureDataLoader
-from specforge_lightning.data.manifest import RefCheck, StreamSchemaError
+from specforge_lightning.data.manifest import StreamSchemaError
 from specforge_lightning.data.stores.base import FeatureStoreError
 from specforge_lightning.data.stores.spec import StoreSpec, build_store
 from specforge_lightning.datamodules import StreamDataModule
 from specforge_lightning.target.producer import ProducerConfig, run_producer
 from tests.integration.conftest import prepare_dict, run_script, tiny_prepare
+from tests.integration.fault_runs import kill_trainer_at_step_2_then_restart, open_ranked_stream
 
 pytestmark = pytest.mark.slow
 N = 6
@@ -45,12 +44,7 @@ def counts(cfg: ProducerConfig) -> dict[str, int]:
 
 def open_stream(cfg: ProducerConfig, store: StoreSpec | None = None, consumer: str = "trainer"):
     ledger = SqliteLedger(cfg.ledger)
-    features = build_store(store or cfg.store, consume_once=False)
-    stream = RankedLedgerStream(
-        ledger, consumer, check=RefCheck(read_stream_manifest(cfg.ledger)), store=features, free_on_ack=True,
-        poll_s=0.01,
-    )
-    loader = FeatureDataLoader(features, stream=stream, batch_size=2, ack_mode="manual", poll_timeout_s=0.05)
+    features, stream, loader = open_ranked_stream(ledger, cfg, store, consumer)
     return ledger, features, stream, loader
 
 
@@ -212,28 +206,8 @@ class Tiny(L.LightningModule):
 @pytest.mark.multiprocess
 def test_trainer_killed_before_ack_replays_exactly_the_unacked(tmp_path):
     cfg = producer_cfg(tmp_path)
-    run_producer(cfg)
-    log = tmp_path / "trained.jsonl"
-    hidden = read_stream_manifest(cfg.ledger)["hidden_size"]
-    args = {"ledger": cfg.ledger, "store": dataclasses.asdict(cfg.store), "log": str(log), "hidden": hidden,
-            "kill_at_step": 2}
-    script = tmp_path / "trainer.py"
-    script.write_text(KILLED_TRAINER)
-    out = run_script(script, json.dumps(args))
-    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-    before = [sid for line in log.read_text().splitlines() for sid in json.loads(line)]
-    assert len(before) == 4
-    c = counts(cfg)
-    assert c["acked"] == 4 and c["leased"] == 2  # step 2's batch died leased, never acked
-    with SqliteLedger(cfg.ledger) as ledger:
-        assert set(ledger.leased_by("trainer-rank0")).isdisjoint(before)
-
-    # Restart with the same consumer: its dead leases come back first, in publish order.
-    module = Tiny(hidden)
-    dm = StreamDataModule(source="ledger", batch_size=2, ledger=cfg.ledger, store=cfg.store)
-    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False).fit(module, datamodule=dm)  # no max_steps: stops when the stream ends
-    assert set(module.trained).isdisjoint(before)  # nothing acked is trained again
+    before, module = kill_trainer_at_step_2_then_restart(cfg, tmp_path, script=KILLED_TRAINER, counts=counts,
+                                                         ledger_cls=SqliteLedger, module_cls=Tiny)
     assert sorted(before + module.trained) == sorted(published_ids(cfg))  # nothing unacked is lost
     c = counts(cfg)
     assert c["acked"] == N and c["leased"] == 0 and c["queued"] == 0 and c["failed"] == 0

@@ -8,19 +8,14 @@ import json
 import signal
 from pathlib import Path
 
-import lightning as L
 import pytest
 
-from specforge_lightning.control.producer import read_stream_manifest
 from specforge_lightning.control.redis_ledger import RedisLedger
-from specforge_lightning.data.ledger_stream import RankedLedgerStream
-from specforge_lightning.data.loader import FeatureDataLoader
-from specforge_lightning.data.manifest import RefCheck
-from specforge_lightning.data.stores.spec import StoreSpec, build_store
-from specforge_lightning.datamodules import StreamDataModule
+from specforge_lightning.data.stores.spec import StoreSpec
 from specforge_lightning.target.producer import ProducerConfig, run_producer
 from tests.control.conftest import private_redis, redis_server  # noqa: F401  (the fixtures, shared)
 from tests.integration.conftest import prepare_dict, run_script, tiny_prepare
+from tests.integration.fault_runs import kill_trainer_at_step_2_then_restart, open_ranked_stream
 from tests.integration.test_stream_faults import KILLED_PRODUCER, KILLED_TRAINER, N, Tiny
 
 pytestmark = pytest.mark.slow
@@ -46,12 +41,7 @@ def published_ids(cfg: ProducerConfig) -> list[str]:
 def consume(cfg: ProducerConfig, limit: int | None = None) -> list[str]:
     """Train-free consumer committing every batch; stops after ``limit`` samples when given."""
     ledger = RedisLedger(cfg.ledger)
-    features = build_store(cfg.store, consume_once=False)
-    stream = RankedLedgerStream(
-        ledger, "trainer", check=RefCheck(read_stream_manifest(cfg.ledger)), store=features, free_on_ack=True,
-        poll_s=0.01,
-    )
-    loader = FeatureDataLoader(features, stream=stream, batch_size=2, ack_mode="manual", poll_timeout_s=0.05)
+    features, stream, loader = open_ranked_stream(ledger, cfg)
     seen: list[str] = []
     try:
         for batch in loader:
@@ -86,27 +76,8 @@ def test_producer_killed_in_the_middle_of_a_put_recovers_without_loss_redis(tmp_
 @pytest.mark.multiprocess
 def test_trainer_killed_before_ack_replays_exactly_the_unacked_redis(tmp_path, redis_server):
     cfg = producer_cfg(tmp_path, redis_server)
-    run_producer(cfg)
-    log = tmp_path / "trained.jsonl"
-    hidden = read_stream_manifest(cfg.ledger)["hidden_size"]
-    args = {"ledger": cfg.ledger, "store": dataclasses.asdict(cfg.store), "log": str(log), "hidden": hidden,
-            "kill_at_step": 2}
-    script = tmp_path / "trainer.py"
-    script.write_text(KILLED_TRAINER)
-    out = run_script(script, json.dumps(args))
-    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-    before = [sid for line in log.read_text().splitlines() for sid in json.loads(line)]
-    assert len(before) == 4
-    c = counts(cfg)
-    assert c["acked"] == 4 and c["leased"] == 2  # step 2's batch died leased, never acked
-    with RedisLedger(cfg.ledger) as ledger:
-        assert set(ledger.leased_by("trainer-rank0")).isdisjoint(before)
-
-    module = Tiny(hidden)  # restart with the same consumer: its dead leases come back first
-    dm = StreamDataModule(source="ledger", batch_size=2, ledger=cfg.ledger, store=cfg.store)
-    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False).fit(module, datamodule=dm)
-    assert set(module.trained).isdisjoint(before)  # nothing acked is trained again
+    before, module = kill_trainer_at_step_2_then_restart(cfg, tmp_path, script=KILLED_TRAINER, counts=counts,
+                                                         ledger_cls=RedisLedger, module_cls=Tiny)
     assert sorted(before + module.trained) == sorted(published_ids(cfg))  # nothing unacked is lost
     assert counts(cfg) == {"published": N, "queued": 0, "leased": 0, "acked": N, "failed": 0}
     assert not list((tmp_path / "store" / "samples").glob("*.safetensors"))  # acked features were freed
