@@ -69,6 +69,13 @@ CASES: dict[str, tuple[str, list[str]]] = {
 }
 
 
+# Cases whose bf16 frozen tensors go through kernels that round by where the heap puts their
+# buffers: the same machine gives other last bits when only the interpreter's path changes
+# (seen: a venv at another path moved step 1's loss from 0x1.f6e1f0p+2 to 0x1.f6e1e4p+2).
+# They are compared to a tolerance everywhere; the float32 cases stay bit for bit.
+HEAP_SENSITIVE = frozenset({"eagle3-smollm2-recipe"})
+
+
 class LossRecorder(L.Callback):
     """Collects each training step's returned loss exactly (``float.hex``)."""
 
